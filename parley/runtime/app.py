@@ -1,0 +1,132 @@
+"""Composition: build shared resources once, start services, tear everything down.
+
+`running(settings, services)` is the one async context manager that `parley up`,
+`parley serve <service>` and the tests use. It
+1. starts the embedded PostgreSQL / Redis when asked and no URL is configured,
+2. runs the Alembic migrations,
+3. builds each service (its own async context manager over the shared resources),
+4. serves them on one gRPC server (with health, reflection, metrics), and on exit
+   drains in-flight RPCs, stops the services and releases every resource.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from parley.runtime.clients import Client
+from parley.runtime.config import SERVICE_NAMES, Settings
+from parley.runtime.db import Database, migrate
+from parley.runtime.embedded import embedded_postgres, embedded_redis
+from parley.runtime.logging import get_logger
+from parley.runtime.metrics import Metrics
+from parley.runtime.server import GrpcServer, ServiceBinding
+
+_log = get_logger("parley.app")
+
+# Each service module exposes `build(ctx: ServiceContext) -> AsyncContextManager[ServiceBinding]`.
+SERVICE_MODULES = {name: f"services.{name}.app" for name in SERVICE_NAMES}
+NEEDS_DATABASE = {"memory", "tools", "chat"}
+
+
+@dataclass
+class ServiceContext:
+    """What a service is built from: settings, metrics and the process's shared resources."""
+
+    settings: Settings
+    metrics: Metrics
+    database_url: str | None
+    redis_url: str | None
+    peer_addresses: dict[str, str]
+    _stack: AsyncExitStack
+    _database: Database | None = None
+    _redis: aioredis.Redis | None = None
+    _clients: dict[str, Client] = field(default_factory=dict)
+
+    @property
+    def database(self) -> Database:
+        """The process's one database engine (created on first use)."""
+        if self._database is None:
+            if not self.database_url:
+                raise RuntimeError("DATABASE_URL is not set and no embedded PostgreSQL was started")
+            self._database = Database(self.database_url)
+            self._stack.push_async_callback(self._database.close)
+        return self._database
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            if not self.redis_url:
+                raise RuntimeError("REDIS_URL is not set and no embedded Redis was started")
+            self._redis = aioredis.from_url(self.redis_url, decode_responses=False)
+            self._stack.push_async_callback(self._redis.aclose)
+        return self._redis
+
+    def client(self, peer: str, stub_cls: type, timeout_s: float | None = None) -> Client:
+        """A client of another Parley service (one channel per peer per process)."""
+        key = f"{peer}:{stub_cls.__name__}"
+        if key not in self._clients:
+            c = Client(peer, self.peer_addresses[peer], stub_cls, timeout_s or self.settings.rpc_timeout_s)
+            self._clients[key] = c
+            self._stack.push_async_callback(c.close)
+        return self._clients[key]
+
+
+@dataclass
+class RunningApp:
+    address: str
+    port: int
+    services: tuple[str, ...]
+    database_url: str | None
+    redis_url: str | None
+    server: GrpcServer
+
+
+def _builder(service: str) -> Callable[[ServiceContext], AbstractAsyncContextManager[ServiceBinding]]:
+    return importlib.import_module(SERVICE_MODULES[service]).build
+
+
+@asynccontextmanager
+async def running(
+    settings: Settings,
+    services: Sequence[str],
+    *,
+    port: int,
+    embedded: bool,
+    serve_metrics: bool = True,
+) -> AsyncIterator[RunningApp]:
+    unknown = set(services) - set(SERVICE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown service(s): {', '.join(sorted(unknown))}; choose from {', '.join(SERVICE_NAMES)}")
+    async with AsyncExitStack() as stack:
+        database_url, redis_url = settings.database_url, settings.redis_url
+        if embedded and not database_url and NEEDS_DATABASE & set(services):
+            database_url = await stack.enter_async_context(embedded_postgres(settings.data_dir / "postgres"))
+        if embedded and not redis_url and "chat" in services:
+            redis_url = await stack.enter_async_context(embedded_redis(settings.data_dir / "redis"))
+        if NEEDS_DATABASE & set(services):
+            if not database_url:
+                raise RuntimeError("DATABASE_URL is not set (use `parley up` for the embedded PostgreSQL)")
+            await migrate(database_url)
+
+        metrics = Metrics()
+        if serve_metrics and settings.metrics_port:
+            started = metrics.serve(settings.host, settings.metrics_port)
+            if started is not None:
+                http_server, _thread = started
+                stack.callback(http_server.shutdown)
+                _log.info("metrics", address=f"http://{settings.host}:{settings.metrics_port}/metrics")
+
+        server = GrpcServer(settings.host, port, metrics, settings.shutdown_grace_s)
+        peers = {name: settings.addr_of(name) for name in SERVICE_NAMES}
+        peers.update({name: server.address for name in services})  # co-hosted peers: same server
+        ctx = ServiceContext(settings, metrics, database_url, redis_url, peers, stack)
+        for name in services:
+            server.add(await stack.enter_async_context(_builder(name)(ctx)))
+        await server.start()
+        stack.push_async_callback(server.stop)  # runs first on exit: drain RPCs before tearing down
+        yield RunningApp(server.address, server.port, tuple(services), database_url, redis_url, server)

@@ -1,0 +1,170 @@
+"""gRPC interceptors: request ids, logging, metrics and error mapping in one place.
+
+Server side, `ObservabilityInterceptor` wraps every handler so that
+- the request id from `x-request-id` metadata (or a new one) is bound to a ContextVar
+  (and so to every log line and every outgoing call),
+- a `ParleyError` raised by domain code becomes its `google.rpc.Status`,
+- any other exception becomes INTERNAL without leaking details,
+- request count and latency are recorded per service, method and status code.
+
+Client side, `RequestIdClientInterceptor` copies the current request id into the
+metadata of every outgoing call, so one id follows a request from service to service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_status import rpc_status
+
+from parley.runtime.errors import ParleyError, internal_status, to_status
+from parley.runtime.logging import get_logger
+from parley.runtime.metrics import Metrics
+
+REQUEST_ID_KEY = "x-request-id"
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("parley_request_id", default=None)
+_QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+
+_log = get_logger("parley.rpc")
+
+
+def current_request_id() -> str | None:
+    return REQUEST_ID.get()
+
+
+def _split(full_method: str) -> tuple[str, str]:
+    _, service, method = full_method.split("/", 2)
+    return service, method
+
+
+def _incoming_request_id(metadata) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and value and len(value) <= 128:
+            return str(value)
+    return uuid.uuid4().hex
+
+
+class _Call:
+    """Bookkeeping of one RPC: binds the request id, times it, records the outcome."""
+
+    def __init__(self, metrics: Metrics, service: str, method: str, request_id: str) -> None:
+        self.metrics, self.service, self.method, self.request_id = metrics, service, method, request_id
+        self.code = "OK"
+        self.started = time.perf_counter()
+        self._tokens: list[Any] = []
+
+    def __enter__(self) -> _Call:
+        self._tokens.append(REQUEST_ID.set(self.request_id))
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.metrics.rpc_requests.labels(self.service, self.method, self.code).inc()
+        self.metrics.rpc_latency.labels(self.service, self.method, self.code).observe(elapsed)
+        if self.service not in _QUIET_SERVICES:
+            _log.info("rpc", service=self.service, method=self.method, code=self.code, ms=round(elapsed * 1000, 2))
+        structlog.contextvars.unbind_contextvars("request_id")
+        REQUEST_ID.reset(self._tokens.pop())
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        """Abort the RPC with the status for `exc` (always raises)."""
+        if isinstance(exc, ParleyError):
+            self.code = exc.code.name
+            if exc.code == grpc.StatusCode.INTERNAL:
+                _log.error("rpc_failed", error=exc.message)
+            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+        self.code = "INTERNAL"
+        _log.error("rpc_crashed", service=self.service, method=self.method, exc_info=exc)
+        await context.abort_with_status(rpc_status.to_status(internal_status()))
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split(handler_call_details.method)
+        request_id = _incoming_request_id(handler_call_details.invocation_metadata)
+        metrics = self._metrics
+
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request, context):
+                with _Call(metrics, service, method, request_id) as call:
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                    try:
+                        return await behavior(request, context)
+                    except (asyncio.CancelledError, grpc.aio.AbortError):
+                        call.code = _code_of(context, "CANCELLED")
+                        raise
+                    except Exception as exc:  # the one place errors become statuses
+                        await call.fail(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        if handler.unary_stream is not None:
+            stream_behavior = handler.unary_stream
+
+            async def unary_stream(request, context) -> AsyncIterator[Any]:
+                with _Call(metrics, service, method, request_id) as call:
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                    try:
+                        async for item in stream_behavior(request, context):
+                            yield item
+                    except (asyncio.CancelledError, grpc.aio.AbortError):
+                        call.code = _code_of(context, "CANCELLED")
+                        raise
+                    except Exception as exc:
+                        await call.fail(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _code_of(context: grpc.aio.ServicerContext, default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)
+
+
+def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    request_id = REQUEST_ID.get()
+    if not request_id:
+        return details
+    metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
+    if REQUEST_ID_KEY not in metadata:
+        metadata.add(REQUEST_ID_KEY, request_id)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class RequestIdClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(_with_request_id(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_with_request_id(client_call_details), request)
