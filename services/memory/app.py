@@ -9,7 +9,6 @@ from parley.memory.v1 import memory_pb2, memory_pb2_grpc
 from parley.runtime.app import ServiceContext
 from parley.runtime.server import ServiceBinding
 from services.memory.core import EmbeddingBackfill, MemoryCore
-from services.memory.embeddings import Embedder
 from services.memory.servicer import MemoryServicer
 from services.memory.store import MemoryStore
 
@@ -18,13 +17,11 @@ SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 @asynccontextmanager
 async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
-    cfg = ctx.settings.memory
-    embedder = await Embedder.load(cfg.embedding_model_path, cfg.embedding_batch_size, cfg.embedding_max_wait_ms)
-    embedder.start()
+    embedder = await ctx.embedder()
     store = MemoryStore(ctx.database.engine)
     backfill = EmbeddingBackfill(store, embedder)
     backfill.start()
-    servicer = MemoryServicer(MemoryCore(store, embedder, cfg))
+    servicer = MemoryServicer(MemoryCore(store, embedder, ctx.settings.memory))
     try:
         yield ServiceBinding(
             name="memory",
@@ -33,4 +30,3 @@ async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
         )
     finally:
         await backfill.close()
-        await embedder.close()

@@ -20,7 +20,7 @@ from parley.runtime.config import MemorySettings
 from parley.runtime.errors import NotFound
 from parley.runtime.logging import get_logger
 from services.memory.chunking import chunk_text
-from services.memory.embeddings import Embedder
+from parley.runtime.embeddings import Embedder
 from services.memory.records import (
     Chunk,
     Conversation,
