@@ -216,6 +216,13 @@ class ChatSettings(BaseModel):
     history_token_budget: int = Field(1536, ge=64, description="Tokens of recent history put into the context.")
     recall_top_k: int = Field(4, ge=0, description="Past-session messages recalled per turn (0 disables recall).")
     recall_min_score: float = Field(0.35, ge=0, le=1, description="Minimum similarity of a recalled message.")
+    max_agent_steps: int = Field(4, ge=1, le=16, description="Model calls per turn at most (tool rounds + answer).")
+    tools_cache_s: float = Field(30.0, ge=0, description="Seconds the tool list is cached.")
+    router_threshold: float = Field(
+        0.45, ge=0, le=1, description="Similarity a question needs to a tool to route it there (small models)."
+    )
+    router_margin: float = Field(0.03, ge=0, le=1, description="Lead over the second-best tool a route needs.")
+    approval_ttl_s: int = Field(3600, ge=60, description="Seconds a pending tool approval stays valid.")
 
 
 class Settings(BaseSettings):

@@ -1,4 +1,4 @@
-"""Builds the chat service over clients of the memory and inference services."""
+"""Builds the chat service over clients of the memory, inference and tools services."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from parley.inference.v1 import inference_pb2_grpc
 from parley.memory.v1 import memory_pb2_grpc
 from parley.runtime.app import ServiceContext
 from parley.runtime.server import ServiceBinding
+from parley.tools.v1 import tools_pb2_grpc
+from services.chat.agent import Agent, ModelCatalog
+from services.chat.approvals import ApprovalStore
 from services.chat.core import ChatCore
-from services.chat.peers import InferencePeer, MemoryPeer
+from services.chat.peers import InferencePeer, MemoryPeer, ToolsPeer
+from services.chat.router import ToolRouter
 from services.chat.servicer import ChatServicer
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
@@ -19,11 +23,16 @@ SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 @asynccontextmanager
 async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
+    cfg = ctx.settings.chat
     memory = MemoryPeer(ctx.client("memory", memory_pb2_grpc.MemoryServiceStub))
     inference = InferencePeer(
         ctx.client("inference", inference_pb2_grpc.InferenceServiceStub, ctx.settings.generate_timeout_s)
     )
-    servicer = ChatServicer(ChatCore(ctx.settings.chat, memory, inference))
+    tools = ToolsPeer(ctx.client("tools", tools_pb2_grpc.ToolsServiceStub))
+    router = ToolRouter(await ctx.embedder(), cfg.router_threshold, cfg.router_margin)
+    agent = Agent(cfg, inference, tools, router, ModelCatalog(inference))
+    core = ChatCore(cfg, memory, agent, ApprovalStore(ctx.database.engine, cfg.approval_ttl_s))
+    servicer = ChatServicer(core)
     yield ServiceBinding(
         name="chat",
         full_names=(SERVICE_NAME,),

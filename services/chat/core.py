@@ -1,4 +1,4 @@
-"""The chat turn: persist, assemble context, let the model answer, persist, account.
+"""The chat turn: persist, assemble context, run the agent, persist, account.
 
 `ChatCore.run_turn` is an async generator of `TurnEvent`s; the unary Chat RPC simply
 keeps the final one. The user's message is stored before any model is called, so a
@@ -13,19 +13,19 @@ from dataclasses import dataclass
 
 from parley.runtime import validation as v
 from parley.runtime.config import ChatSettings
-from parley.runtime.errors import ParleyError, Unavailable
+from parley.runtime.errors import NotFound, ParleyError
 from parley.runtime.logging import get_logger
+from services.chat.agent import Agent, AgentState
+from services.chat.approvals import ApprovalStore
 from services.chat.events import (
     MemoryItem,
     SessionStarted,
-    TextDelta,
     TurnEvent,
     TurnFinished,
     TurnRequest,
     TurnResult,
-    Usage,
 )
-from services.chat.peers import InferencePeer, MemoryPeer, PromptMessage
+from services.chat.peers import MemoryPeer, PromptMessage
 
 _log = get_logger(__name__)
 
@@ -38,10 +38,13 @@ class AssembledContext:
 
 
 class ChatCore:
-    def __init__(self, settings: ChatSettings, memory: MemoryPeer, inference: InferencePeer) -> None:
+    def __init__(self, settings: ChatSettings, memory: MemoryPeer, agent: Agent, approvals: ApprovalStore) -> None:
         self.settings = settings
         self.memory = memory
-        self.inference = inference
+        self.agent = agent
+        self.approvals = approvals
+
+    # -- validation ----------------------------------------------------------------------------
 
     def validate(self, req: TurnRequest) -> None:
         v.user_id(req.user_id)
@@ -53,6 +56,13 @@ class ChatCore:
             raise v.invalid("options.max_tokens", "must not be negative")
         if req.options.temperature is not None and not 0 <= req.options.temperature <= 2:
             raise v.invalid("options.temperature", "must be between 0 and 2")
+
+    @staticmethod
+    def session_ids(user_id: str, session_id: str) -> None:
+        v.user_id(user_id)
+        v.uuid_id(session_id, "session_id")
+
+    # -- a turn --------------------------------------------------------------------------------
 
     async def run_turn(self, req: TurnRequest) -> AsyncIterator[TurnEvent]:
         started = time.perf_counter()
@@ -67,41 +77,54 @@ class ChatCore:
         # Persist the user's message before calling any model.
         await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
         ctx = await self.assemble(req, session_id, session.summary)
-
-        usage = Usage()
-        text_parts: list[str] = []
-        model = provider = ""
-        prompt_tokens = 0
-        request = self.inference.request(
-            req.options.model, ctx.messages, [], req.options.max_tokens, req.options.temperature
+        state = AgentState(
+            messages=ctx.messages, question=req.message, model=req.options.model,
+            max_tokens=req.options.max_tokens, temperature=req.options.temperature,
+            use_tools=not req.options.disable_tools,
         )
-        async for event in self.inference.stream(request):
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                text_parts.append(event.delta.text)
-                yield TextDelta(event.delta.text)
-            elif kind == "final":
-                r = event.final.response
-                model, provider = r.model, r.provider
-                prompt_tokens = r.usage.prompt_tokens
-                usage.add(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cost.cost_usd,
-                          r.usage.cost.priced, r.usage.estimated)
-        if usage.model_calls == 0:
-            raise Unavailable(message="the inference service ended the stream without a final event")
+        async for event in self.agent.run(state, req.user_id, ctx.warnings):
+            yield event
+        result = await self._finish(req.user_id, session_id, req.message, state, ctx.memory, ctx.warnings, started)
+        yield TurnFinished(result)
 
-        answer = "".join(text_parts).strip()
-        stored = await self.memory.append(req.user_id, session_id, [PromptMessage("assistant", answer)])
+    async def resolve_approval(self, user_id: str, approval_id: str, approve: bool) -> AsyncIterator[TurnEvent]:
+        started = time.perf_counter()
+        v.user_id(user_id)
+        aid = v.uuid_id(approval_id, "approval_id")
+        paused = await self.approvals.take(user_id, aid)
+        if paused is None:
+            raise NotFound(message=f"approval {approval_id} not found (unknown, expired or already resolved)")
+        state = AgentState.from_json(paused.state_json)
+        warnings: list[str] = []
+        yield SessionStarted(paused.session_id)
+        async for event in self.agent.resume(state, user_id, approve, warnings):
+            yield event
+        yield TurnFinished(await self._finish(user_id, paused.session_id, state.question, state, [], warnings, started))
+
+    async def _finish(self, user_id: str, session_id: str, prompt: str, state: AgentState,
+                      memory: list[MemoryItem], warnings: list[str], started: float) -> TurnResult:
+        """Persist what the turn produced (one atomic append) and build the result."""
+        answer = state.text.strip()
+        to_store = list(state.transcript)
+        if state.pending:
+            await self.approvals.save(state.pending[0].approval_id, user_id, session_id, state.to_json())
+        else:
+            to_store.append(PromptMessage("assistant", answer or "(no answer)"))
+        stored = await self.memory.append(user_id, session_id, to_store) if to_store else []
+        state.transcript = []
         result = TurnResult(
-            response=answer, model=model, session_id=session_id, context_size=prompt_tokens, memory=ctx.memory,
-            usage=usage, provider=provider, message_id=stored[-1].message_id if stored else "",
-            warnings=ctx.warnings, latency_ms=(time.perf_counter() - started) * 1000,
+            response=answer, model=state.served_model, session_id=session_id, context_size=state.context_size,
+            memory=memory, tool_calls=state.records, usage=state.usage, provider=state.provider,
+            pending_approvals=state.pending, message_id=stored[-1].message_id if stored and not state.pending else "",
+            warnings=warnings, latency_ms=(time.perf_counter() - started) * 1000,
         )
         _log.info(
-            "turn", user_id=req.user_id, session_id=session_id, prompt=req.message[:200],
-            tokens_used=usage.total_tokens, time_ms=round(result.latency_ms, 1), tool_called=None,
-            model=model, cost=usage.cost_usd if usage.priced else None, cache_hit=False,
+            "turn", user_id=user_id, session_id=session_id, prompt=prompt[:200],
+            tokens_used=state.usage.total_tokens, time_ms=round(result.latency_ms, 1),
+            tool_called=",".join(r.name for r in state.records) or None, model=state.served_model,
+            cost=state.usage.cost_usd if state.usage.priced else None, cache_hit=False,
         )
-        yield TurnFinished(result)
+        return result
 
     async def assemble(self, req: TurnRequest, session_id: str, summary: str) -> AssembledContext:
         """System prompt + summary + recalled memories + the recent window (which ends with this message)."""
@@ -131,7 +154,8 @@ class ChatCore:
         if memory:
             lines = "\n".join(f"- ({m.role}) {m.content}" for m in memory)
             system += f"\n\nFrom earlier conversations with this user:\n{lines}"
-        return AssembledContext([PromptMessage("system", system), *history], memory, warnings)
+        window = [m for m in history if m.role in ("user", "assistant") and m.content]
+        return AssembledContext([PromptMessage("system", system), *window], memory, warnings)
 
 
 def _role_name(role: int) -> str:

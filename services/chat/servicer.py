@@ -6,6 +6,7 @@ from parley.chat.v1 import chat_pb2 as pb
 from parley.chat.v1 import chat_pb2_grpc
 from parley.memory.v1 import memory_pb2 as mpb
 from parley.runtime.protoconv import timestamp
+from parley.runtime.validation import invalid
 from services.chat.core import ChatCore
 from services.chat.events import (
     SessionStarted,
@@ -100,6 +101,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return pb.CreateSessionResponse(session=session_pb(c))
 
     async def GetSession(self, request, context):
+        self.core.session_ids(request.user_id, request.session_id)
         c = await self.core.memory.get_session(request.user_id, request.session_id)
         return pb.GetSessionResponse(session=session_pb(c))
 
@@ -109,10 +111,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                                        next_page_token=r.next_page_token)
 
     async def DeleteSession(self, request, context):
+        self.core.session_ids(request.user_id, request.session_id)
         deleted = await self.core.memory.delete_session(request.user_id, request.session_id)
         return pb.DeleteSessionResponse(deleted_messages=deleted)
 
     async def ListSessionMessages(self, request, context):
+        self.core.session_ids(request.user_id, request.session_id)
         r = await self.core.memory.list_messages(
             request.user_id, request.session_id, request.page_size, request.page_token)
         return pb.ListSessionMessagesResponse(
@@ -121,6 +125,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             next_page_token=r.next_page_token)
 
     async def ResolveApproval(self, request, context):
-        from parley.runtime.errors import FailedPrecondition
-
-        raise FailedPrecondition(message="no tool approvals are pending: side-effecting tools are not enabled yet")
+        if request.decision not in (pb.DECISION_APPROVE, pb.DECISION_DENY):
+            raise invalid("decision", "must be DECISION_APPROVE or DECISION_DENY")
+        final = None
+        async for event in self.core.resolve_approval(
+            request.user_id, request.approval_id, request.decision == pb.DECISION_APPROVE
+        ):
+            if isinstance(event, TurnFinished):
+                final = event.result
+        return pb.ResolveApprovalResponse(response=response_pb(final))
