@@ -152,17 +152,25 @@ class MemoryCore:
         for i, m in enumerate(messages):
             self._check_message(i, m)
         counts = self.embedder.count_tokens([m.content for m in messages])
-        stored = await self.store.append_messages(user_id, cid, messages, counts)
+        # The embedding is computed while the turn is being written (it does not depend on the write),
+        # and stored right after the commit.
+        texts = [m.content for m in messages if m.content.strip()]
+        embedding = asyncio.ensure_future(self.embedder.embed(texts))
+        try:
+            stored = await self.store.append_messages(user_id, cid, messages, counts)
+        except BaseException:
+            embedding.cancel()
+            raise
         if stored is None:
+            embedding.cancel()
             raise _not_found("conversation", conversation_id)
-        await self._embed_stored(stored)
+        await self._fill_embeddings([m for m in stored if m.content.strip()], embedding)
         return stored
 
-    async def _embed_stored(self, stored: list[Message]) -> None:
-        """Fill in embeddings now; on failure leave them to the backfill worker (the turn is already safe)."""
-        todo = [m for m in stored if m.content.strip()]
+    async def _fill_embeddings(self, todo: list[Message], embedding: asyncio.Future) -> None:
+        """Store the embeddings; on failure leave them to the backfill worker (the turn is already safe)."""
         try:
-            vectors = await self.embedder.embed([m.content for m in todo])
+            vectors = await embedding
             await self.store.set_embeddings([m.id for m in todo], vectors.tolist())
         except Exception as exc:  # noqa: BLE001 - any failure here must not lose the stored turn
             _log.warning("embedding_deferred", messages=len(todo), error=str(exc))

@@ -1,0 +1,1 @@
+"""Benchmarks of the inference service (see docs/inference.md)."""

@@ -1,0 +1,341 @@
+"""Memory benchmark: ingestion, recall at 100k messages, history, hybrid document search, and a peer.
+
+Runs against a real PostgreSQL+pgvector (embedded, in a temporary folder, unless
+DATABASE_URL is set) and the real all-MiniLM-L6-v2 model, through the real gRPC service
+where the number is about the service. Prints every figure; nothing here is a pass/fail test.
+
+    .venv/bin/python -m bench.memory_bench                 # full run (~15 min on 2 cores; embeddings cached)
+    .venv/bin/python -m bench.memory_bench --messages 20000 --chunks 2000   # quicker
+
+Baselines named in the output: the goals of the memory issue (≥ 300 msgs/s ingestion, recall p95 ≤ 15 ms,
+recall@10 ≥ 0.95), an exact scan (numpy over the same vectors) for recall@10, and LangChain's
+`langchain-postgres` PGVector store on the same database with the same model for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text
+
+from bench.common import pct, summary_ms, table
+from parley.memory.v1 import memory_pb2 as pb
+from parley.memory.v1 import memory_pb2_grpc
+from parley.runtime.app import running
+from parley.runtime.clients import make_channel
+from parley.runtime.config import Settings
+from parley.runtime.db import Database
+from parley.runtime.embedded import embedded_postgres
+from parley.runtime.embeddings import Embedder
+from services.memory.store import HNSW_EF_SEARCH, MemoryStore, vector_literal
+
+CACHE = Path.home() / ".cache" / "parley" / "bench"
+
+NAMES = ["Ana", "Bruno", "Chen", "Dara", "Emeka", "Farah", "Giulia", "Hiro", "Ines", "Jonas", "Kofi", "Lena"]
+TOPICS = {
+    "food": ["sushi", "lentil soup", "spicy ramen", "pistachio ice cream", "roast chicken", "mango salad"],
+    "city": ["Lisbon", "Nairobi", "Osaka", "Porto Alegre", "Tallinn", "Montreal", "Hanoi", "Seville"],
+    "hobby": ["bouldering", "playing the cello", "birdwatching", "sourdough baking", "chess", "trail running"],
+    "pet": ["a grey cat", "two budgies", "a beagle", "a tortoise", "a rescue greyhound", "goldfish"],
+    "work": ["a nurse", "a data engineer", "a carpenter", "a teacher", "an architect", "a pharmacist"],
+    "trip": ["Iceland", "Patagonia", "Kyoto", "Morocco", "the Dolomites", "Vietnam"],
+}
+TEMPLATES = {
+    "food": ["My favourite food is {x}.", "I had {x} for dinner again, I love it.", "Could you find a recipe for {x}?"],
+    "city": ["I live in {x} now.", "I moved to {x} last spring.", "What is the weather usually like in {x}?"],
+    "hobby": ["On weekends I go {x}.", "I've been {x} for three years.", "Any tips to get better at {x}?"],
+    "pet": ["I have {x} at home.", "My pet is {x} and it keeps me busy.", "How do I care for {x} in summer?"],
+    "work": ["I work as {x}.", "My job as {x} is stressful lately.", "Should I keep working as {x}?"],
+    "trip": ["I'm planning a trip to {x}.", "We just came back from {x}.", "What should I pack for {x}?"],
+}
+QUESTIONS = {
+    "food": "what food do I like?", "city": "where do I live?", "hobby": "what do I do for fun?",
+    "pet": "what pet do I have?", "work": "what is my job?", "trip": "where am I travelling?",
+}
+
+
+def corpus(n: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        topic = rng.choice(list(TOPICS))
+        sentence = rng.choice(TEMPLATES[topic]).format(x=rng.choice(TOPICS[topic]))
+        out.append(f"{sentence} ({rng.choice(NAMES)}, note {i % 997})")
+    return out
+
+
+async def embed_cached(embedder: Embedder, texts: list[str], name: str) -> np.ndarray:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{name}-{len(texts)}.npy"
+    if path.exists():
+        return np.load(path)
+    started = time.perf_counter()
+    vectors = np.concatenate([await embedder.embed(texts[i:i + 512]) for i in range(0, len(texts), 512)])
+    print(f"  embedded {len(texts)} texts in {time.perf_counter() - started:.0f} s (cached at {path})")
+    np.save(path, vectors)
+    return vectors
+
+
+async def bench_ingestion(stub, users: int, sequential: int, writers: int, per_writer: int) -> dict[str, float]:
+    convs = {}
+    for u in range(users):
+        r = await stub.CreateConversation(pb.CreateConversationRequest(user_id=f"ingest-{u}"))
+        convs[u] = r.conversation.conversation_id
+    texts = corpus(sequential + writers * per_writer, seed=11)
+
+    async def one(u: int, t: str) -> None:
+        await stub.AppendMessages(pb.AppendMessagesRequest(
+            user_id=f"ingest-{u}", conversation_id=convs[u], messages=[pb.NewMessage(role=pb.ROLE_USER, content=t)]))
+
+    started = time.perf_counter()
+    for t in texts[:sequential]:
+        await one(0, t)
+    seq_rate = sequential / (time.perf_counter() - started)
+
+    async def writer(w: int) -> None:
+        for t in texts[sequential + w * per_writer: sequential + (w + 1) * per_writer]:
+            await one(w % users, t)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    conc_rate = writers * per_writer / (time.perf_counter() - started)
+    return {"sequential": seq_rate, "concurrent": conc_rate}
+
+
+async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, users: int) -> dict[str, list]:
+    """100k messages for a population of users, inserted in bulk; HNSW rebuilt with the migration's parameters."""
+    owner = [f"pop-{i % users}" for i in range(len(texts))]
+    conv_of = {f"pop-{u}": uuid.uuid4() for u in range(users)}
+    async with db.engine.begin() as conn:
+        await conn.execute(text("DROP INDEX IF EXISTS messages_embedding_hnsw"))
+        await conn.execute(
+            text("INSERT INTO conversations (id, user_id) SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:us AS text[]))"),
+            {"ids": list(conv_of.values()), "us": list(conv_of)})
+    for start in range(0, len(texts), 5000):
+        end = min(start + 5000, len(texts))
+        async with db.engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO messages (id, conversation_id, user_id, role, content, token_count, embedding) "
+                "SELECT gen_random_uuid(), c, u, 2, t, 12, CAST(e AS vector) FROM unnest(CAST(:c AS uuid[]), "
+                "CAST(:u AS text[]), CAST(:t AS text[]), CAST(:e AS text[])) AS x(c, u, t, e)"),
+                {"c": [conv_of[owner[i]] for i in range(start, end)], "u": owner[start:end], "t": texts[start:end],
+                 "e": [vector_literal(v) for v in vectors[start:end]]})
+    started = time.perf_counter()
+    async with db.engine.begin() as conn:
+        await conn.execute(text("SET maintenance_work_mem = '512MB'"))
+        await conn.execute(text(
+            "CREATE INDEX messages_embedding_hnsw ON messages USING hnsw (embedding vector_cosine_ops) "
+            "WITH (m = 16, ef_construction = 64)"))
+        await conn.execute(text("ANALYZE messages"))
+    print(f"  HNSW index over {len(texts)} vectors built in {time.perf_counter() - started:.0f} s")
+    return {"owner": owner}
+
+
+async def bench_recall(store: MemoryStore, db: Database, vectors: np.ndarray, owner: list[str], users: int,
+                       queries: int, embedder: Embedder) -> dict[str, object]:
+    from services.memory.records import RecallQuery, Role
+
+    rng = random.Random(3)
+    owner_arr = np.array(owner)
+    qtexts = [f"{QUESTIONS[rng.choice(list(QUESTIONS))]}" for _ in range(queries)]
+    qvecs = await embedder.embed(qtexts)
+    latencies, recalls = [], []
+    for i in range(queries):
+        user = f"pop-{rng.randrange(users)}"
+        q = RecallQuery(user_id=user, vector=qvecs[i].tolist(), top_k=10, min_score=0.0, conversation_ids=[],
+                        roles=[Role.USER, Role.ASSISTANT], start_time=None, end_time=None, exclude_ids=[],
+                        exclude_recent_conversation=None, exclude_recent_count=0)
+        started = time.perf_counter()
+        hits = await store.recall(q)
+        latencies.append((time.perf_counter() - started) * 1000)
+        mask = owner_arr == user
+        idx = np.nonzero(mask)[0]
+        exact = idx[np.argsort(-(vectors[idx] @ qvecs[i]))[:10]]
+        exact_scores = set(np.round(vectors[exact] @ qvecs[i], 5))
+        got_scores = {round(s, 5) for _, s in hits}
+        recalls.append(len(exact_scores & got_scores) / max(1, len(exact_scores)))
+    async with db.engine.connect() as conn:
+        await conn.execute(text(f"SET LOCAL hnsw.ef_search = {HNSW_EF_SEARCH}"))
+        await conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+        plan = "\n".join(r[0] for r in await conn.execute(text(
+            "EXPLAIN SELECT id FROM messages WHERE user_id = 'pop-1' AND embedding IS NOT NULL "
+            "ORDER BY embedding <=> CAST(:q AS vector) LIMIT 10"), {"q": vector_literal(qvecs[0])}))
+    return {"latency": latencies, "recall": float(np.mean(recalls)), "plan": plan}
+
+
+async def bench_rpc_recall_and_history(stub, users: int, queries: int) -> dict[str, list[float]]:
+    rng = random.Random(5)
+    recall, history = [], []
+    for _ in range(queries):
+        user = f"pop-{rng.randrange(users)}"
+        started = time.perf_counter()
+        await stub.Recall(pb.RecallRequest(user_id=user, query=QUESTIONS[rng.choice(list(QUESTIONS))], top_k=10))
+        recall.append((time.perf_counter() - started) * 1000)
+    conv = (await stub.CreateConversation(pb.CreateConversationRequest(user_id="history-user"))).conversation
+    texts = corpus(200, seed=9)
+    for i in range(0, 200, 20):
+        await stub.AppendMessages(pb.AppendMessagesRequest(user_id="history-user", conversation_id=conv.conversation_id,
+                                  messages=[pb.NewMessage(role=pb.ROLE_USER, content=t) for t in texts[i:i + 20]]))
+    for _ in range(queries):
+        started = time.perf_counter()
+        await stub.ListMessages(pb.ListMessagesRequest(user_id="history-user", conversation_id=conv.conversation_id,
+                                                       token_budget=1536, page_size=1000))
+        history.append((time.perf_counter() - started) * 1000)
+    return {"recall_rpc": recall, "history_rpc": history}
+
+
+async def bench_documents(stub, chunks: int, queries: int) -> dict[str, object]:
+    texts = corpus(chunks, seed=21)
+    per_doc = 50
+    started = time.perf_counter()
+    stored = 0
+    for d in range(0, chunks, per_doc):
+        body = "\n\n".join(texts[d:d + per_doc])
+        r = await stub.IngestDocument(pb.IngestDocumentRequest(
+            user_id="docs-user", title=f"notes {d // per_doc}", source=f"notes-{d // per_doc}.md", content=body,
+            chunk_tokens=16, chunk_overlap=2, visibility=pb.VISIBILITY_SHARED))
+        stored += r.document.chunk_count
+    ingest_s = time.perf_counter() - started
+    rng = random.Random(8)
+    latencies = []
+    for _ in range(queries):
+        started = time.perf_counter()
+        await stub.SearchDocuments(pb.SearchDocumentsRequest(
+            user_id="docs-user", query=QUESTIONS[rng.choice(list(QUESTIONS))], top_k=5))
+        latencies.append((time.perf_counter() - started) * 1000)
+    return {"ingest_s": ingest_s, "latency": latencies, "chunks": stored}
+
+
+async def bench_langchain(database_url: str, model, texts: list[str], vectors: np.ndarray, owner: list[str],
+                          users: int, queries: int, add_n: int) -> dict[str, object] | None:
+    try:
+        from langchain_core.embeddings import Embeddings
+        from langchain_postgres import PGVector
+    except ImportError:
+        print("  langchain-postgres not installed: pip install -e '.[bench]' (peer skipped)")
+        return None
+
+    class SameModel(Embeddings):
+        def embed_documents(self, docs):
+            return model.encode(docs, normalize_embeddings=True, batch_size=64).tolist()
+
+        def embed_query(self, q):
+            return model.encode([q], normalize_embeddings=True)[0].tolist()
+
+    url = database_url.replace("postgresql+asyncpg", "postgresql+psycopg")
+    store = await asyncio.to_thread(lambda: PGVector(embeddings=SameModel(), collection_name="bench",
+                                                     connection=url, use_jsonb=True, pre_delete_collection=True))
+    add_texts = corpus(add_n, seed=11)
+    started = time.perf_counter()
+    for t in add_texts:  # batch 1, like the service's sequential writer
+        await asyncio.to_thread(store.add_texts, [t], [{"user_id": "ingest-0"}])
+    add_rate = add_n / (time.perf_counter() - started)
+    for start in range(0, len(texts), 5000):
+        await asyncio.to_thread(store.add_embeddings, texts[start:start + 5000], vectors[start:start + 5000].tolist(),
+                                [{"user_id": u} for u in owner[start:start + 5000]])
+    rng = random.Random(3)
+    latencies = []
+    for _ in range(queries):
+        user = f"pop-{rng.randrange(users)}"
+        q = model.encode([QUESTIONS[rng.choice(list(QUESTIONS))]], normalize_embeddings=True)[0].tolist()
+        started = time.perf_counter()
+        await asyncio.to_thread(store.similarity_search_with_score_by_vector, q, 10, {"user_id": user})
+        latencies.append((time.perf_counter() - started) * 1000)
+    return {"add_rate": add_rate, "latency": latencies}
+
+
+async def main(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+        async with embedded_postgres(Path(tmp) / "pg") if not os.environ.get("DATABASE_URL") else _given() as url:
+            settings = Settings(_env_file=None, database_url=url, data_dir=Path(tmp), metrics_port=0,
+                                log_level="WARNING", log_json=False)
+            async with running(settings, ["memory"], port=0, embedded=False) as app:
+                channel = make_channel(app.address)
+                stub = memory_pb2_grpc.MemoryServiceStub(channel)
+                db = Database(url)
+                store = MemoryStore(db.engine)
+                embedder = await _shared_embedder(app)
+                print(f"== ingestion through gRPC ({args.sequential} sequential appends, "
+                      f"{args.writers} writers x {args.per_writer})")
+                ingest = await bench_ingestion(stub, args.writers, args.sequential, args.writers, args.per_writer)
+                print(f"  batch 1, one writer: {ingest['sequential']:.0f} msgs/s; "
+                      f"{args.writers} concurrent writers: {ingest['concurrent']:.0f} msgs/s (goal >= 300)")
+
+                print(f"== recall at {args.messages} messages, {args.users} users")
+                texts = corpus(args.messages)
+                vectors = await embed_cached(embedder, texts, "messages")
+                loaded = await bulk_load(db, texts, vectors, args.users)
+                rec = await bench_recall(store, db, vectors, loaded["owner"], args.users, args.queries, embedder)
+                print(f"  store recall (SQL, query vector given): {summary_ms(rec['latency'])}")
+                print(f"  recall@10 vs exact scan: {rec['recall']:.3f} (goal >= 0.95); HNSW m=16, "
+                      f"ef_construction=64, ef_search={HNSW_EF_SEARCH}, iterative_scan=relaxed_order")
+                print("  plan:\n    " + rec["plan"].replace("\n", "\n    "))
+                rpc = await bench_rpc_recall_and_history(stub, args.users, args.queries)
+                print(f"  Recall RPC (embeds the query too): {summary_ms(rpc['recall_rpc'])}")
+                print(f"== history fetch (ListMessages, token budget 1536, 200-message conversation): "
+                      f"{summary_ms(rpc['history_rpc'])}")
+
+                print(f"== hybrid document search at {args.chunks} chunks")
+                docs = await bench_documents(stub, args.chunks, args.queries)
+                print(f"  ingested {docs['chunks']} chunks in {docs['ingest_s']:.0f} s; "
+                      f"SearchDocuments RPC: {summary_ms(docs['latency'])}")
+
+                print("== peer: langchain-postgres PGVector, same database, same model")
+                model = embedder._model  # the very same loaded SentenceTransformer
+                peer = await bench_langchain(url, model, texts, vectors, loaded["owner"], args.users, args.queries,
+                                             args.sequential)
+                rows = [
+                    ("ingest msgs/s (batch 1, one writer)", f"{ingest['sequential']:.0f}",
+                     f"{peer['add_rate']:.0f}" if peer else "-",
+                     f"{ingest['sequential'] / peer['add_rate']:.2f}x" if peer else "-"),
+                    ("recall p50 ms (vector given)", f"{pct(rec['latency'], 50):.2f}",
+                     f"{pct(peer['latency'], 50):.2f}" if peer else "-",
+                     f"{pct(peer['latency'], 50) / pct(rec['latency'], 50):.2f}x faster" if peer else "-"),
+                    ("recall p95 ms (vector given)", f"{pct(rec['latency'], 95):.2f}",
+                     f"{pct(peer['latency'], 95):.2f}" if peer else "-",
+                     f"{pct(peer['latency'], 95) / pct(rec['latency'], 95):.2f}x faster" if peer else "-"),
+                ]
+                print(table(rows, ("figure", "Parley", "LangChain PGVector", "ratio")))
+                await channel.close()
+                await db.close()
+
+
+async def _shared_embedder(app) -> Embedder:
+    # The memory service loaded the model already; build a second handle on the same weights for bulk work.
+    from sentence_transformers import SentenceTransformer
+
+    from parley.runtime.embeddings import packaged_embedding_model_path
+
+    model = await asyncio.to_thread(SentenceTransformer, packaged_embedding_model_path(), device="cpu")
+    embedder = Embedder(model, batch_size=128, max_wait_ms=1)
+    embedder.start()
+    return embedder
+
+
+class _given:
+    async def __aenter__(self):
+        return os.environ["DATABASE_URL"]
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=20)
+    parser.add_argument("--chunks", type=int, default=10_000)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--sequential", type=int, default=300)
+    parser.add_argument("--writers", type=int, default=32)
+    parser.add_argument("--per-writer", type=int, default=20)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,59 @@
+"""A message is never lost because embedding failed: it is stored first, embedded later by the backfill."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parley.runtime.config import MemorySettings
+from parley.runtime.db import Database, migrate
+from parley.runtime.embeddings import Embedder
+from services.memory.core import EmbeddingBackfill, MemoryCore
+from services.memory.records import NewMessage, RecallQuery, Role
+from services.memory.store import MemoryStore
+
+
+@pytest.fixture(scope="module")
+async def parts(database_url):
+    await migrate(database_url)
+    db = Database(database_url)
+    embedder = await Embedder.load(None, batch_size=64, max_wait_ms=2)
+    embedder.start()
+    store = MemoryStore(db.engine)
+    yield MemoryCore(store, embedder, MemorySettings()), store, embedder
+    await embedder.close()
+    await db.close()
+
+
+async def test_failed_embedding_is_stored_then_backfilled(parts, monkeypatch):
+    core, store, embedder = parts
+    conv = await core.create_conversation("backfill-user", "", {})
+
+    def broken(texts):
+        raise RuntimeError("embedding model crashed")
+
+    monkeypatch.setattr(embedder, "_encode", broken)  # fault injection into the real embedder
+    stored = await core.append_messages("backfill-user", str(conv.id), [
+        NewMessage(Role.USER, "My favourite colour is ultramarine."),
+        NewMessage(Role.ASSISTANT, "Ultramarine is a deep blue."),
+    ])
+    assert [m.embedded for m in stored] == [False, False], "stored even though embedding failed"
+    listed, _ = await core.list_messages("backfill-user", str(conv.id), 10, "", 0)
+    assert [m.content for m in listed] == ["My favourite colour is ultramarine.", "Ultramarine is a deep blue."]
+
+    monkeypatch.undo()
+    filled = await EmbeddingBackfill(store, embedder).run_once()
+    assert filled >= 2
+    hits = await core.recall("what colour do I like?", RecallQuery(
+        user_id="backfill-user", vector=[], top_k=3, min_score=0.0, conversation_ids=[], roles=[], start_time=None,
+        end_time=None, exclude_ids=[], exclude_recent_conversation=None, exclude_recent_count=0))
+    assert hits and "ultramarine" in hits[0][0].content.lower()
+
+
+async def test_concurrent_requests_share_forward_passes(parts):
+    _, _, embedder = parts
+    before = embedder.batches
+    results = await asyncio.gather(*(embedder.embed([f"sentence {i}"]) for i in range(32)))
+    assert all(r.shape == (1, 384) for r in results)
+    assert embedder.batches - before < 32 / 2, "32 concurrent requests were micro-batched"
