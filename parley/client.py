@@ -47,6 +47,7 @@ class TerminalChat:
             self.out.write(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2) + "\n")
             return
         self.out.write("\n")
+        self.out.flush()
         cost = f"${r.usage.cost_usd:.6f}" if r.usage.priced else "unpriced"
         self.err.write(
             f"-- session {r.session_id} | model {r.model} | tokens {r.tokens_used} "

@@ -23,10 +23,12 @@ from parley.inference.v1 import inference_pb2 as ipb
 from parley.runtime.config import ChatSettings
 from parley.runtime.errors import ParleyError, Unavailable
 from parley.runtime.logging import get_logger
+from parley.runtime.protoconv import from_struct
 from parley.tools.v1 import tools_pb2 as tpb
 from services.chat.events import PendingApproval, TextDelta, ToolCalled, ToolCallRecord, ToolFinished, Usage
 from services.chat.peers import InferencePeer, PromptMessage, ToolsPeer
 from services.chat.router import ToolRouter
+from services.chat.slots import narrow_schema
 
 _log = get_logger(__name__)
 MAX_RESULT_CHARS_FOR_SMALL_MODELS = 1500
@@ -159,8 +161,13 @@ class Agent:
                     route = await self.router.route(state.question, tools)
                 if route is not None:
                     _log.info("tool_routed", tool=route.tool.name, score=round(route.score, 3))
+                    tool = tpb.Tool()
+                    tool.CopyFrom(route.tool)
+                    tool.parameters_schema.Clear()
+                    tool.parameters_schema.update(narrow_schema(from_struct(route.tool.parameters_schema),
+                                                                state.question))
                     request = self.inference.request(
-                        state.model, state.messages, [route.tool], state.max_tokens or 256, state.temperature,
+                        state.model, state.messages, [tool], state.max_tokens or 256, state.temperature,
                         tool_choice=ipb.TOOL_CHOICE_REQUIRED, forced_tool=route.tool.name)
                 else:
                     request = self.inference.request(
