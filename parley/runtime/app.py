@@ -24,6 +24,9 @@ from parley.runtime.config import SERVICE_NAMES, Settings
 from parley.runtime.db import Database, migrate
 from parley.runtime.embedded import embedded_postgres, embedded_redis
 from parley.runtime.embeddings import Embedder
+from parley.runtime.errors import FailedPrecondition
+from parley.runtime.interceptors import INTERNAL_TOKEN_KEY
+from parley.runtime.network import is_loopback
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
 from parley.runtime.server import GrpcServer, ServiceBinding
@@ -33,6 +36,7 @@ _log = get_logger("parley.app")
 # Each service module exposes `build(ctx: ServiceContext) -> AsyncContextManager[ServiceBinding]`.
 SERVICE_MODULES = {name: f"services.{name}.app" for name in SERVICE_NAMES}
 NEEDS_DATABASE = {"memory", "tools", "chat"}
+INTERNAL_SERVICES = {"memory", "inference", "tools"}
 
 
 @dataclass
@@ -84,7 +88,9 @@ class ServiceContext:
         """A client of another Parley service (one channel per peer per process)."""
         key = f"{peer}:{stub_cls.__name__}"
         if key not in self._clients:
-            c = Client(peer, self.peer_addresses[peer], stub_cls, timeout_s or self.settings.rpc_timeout_s)
+            token = self.settings.internal_token
+            metadata = ((INTERNAL_TOKEN_KEY, token.get_secret_value()),) if token else ()
+            c = Client(peer, self.peer_addresses[peer], stub_cls, timeout_s or self.settings.rpc_timeout_s, metadata)
             self._clients[key] = c
             self._stack.push_async_callback(c.close)
         return self._clients[key]
@@ -127,6 +133,14 @@ async def running(
                 raise RuntimeError("DATABASE_URL is not set (use `parley up` for the embedded PostgreSQL)")
             await migrate(database_url)
 
+        token = settings.internal_token.get_secret_value() if settings.internal_token else None
+        if not is_loopback(settings.host) and INTERNAL_SERVICES & set(services) and not token:
+            raise FailedPrecondition(
+                message=f"refusing to serve {', '.join(sorted(INTERNAL_SERVICES & set(services)))} on "
+                f"{settings.host!r} without PARLEY_INTERNAL_TOKEN: set it (the same on every service), "
+                "or PARLEY_HOST=127.0.0.1",
+                reason="INSECURE_BIND",
+            )
         metrics = Metrics()
         if serve_metrics and settings.metrics_port:
             started = metrics.serve(settings.host, settings.metrics_port)
@@ -135,7 +149,7 @@ async def running(
                 stack.callback(http_server.shutdown)
                 _log.info("metrics", address=f"http://{settings.host}:{settings.metrics_port}/metrics")
 
-        server = GrpcServer(settings.host, port, metrics, settings.shutdown_grace_s)
+        server = GrpcServer(settings.host, port, metrics, settings.shutdown_grace_s, token)
         peers = {name: settings.addr_of(name) for name in SERVICE_NAMES}
         peers.update({name: server.address for name in services})  # co-hosted peers: same server
         ctx = ServiceContext(settings, metrics, database_url, redis_url, peers, stack)

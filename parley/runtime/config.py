@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_NAMES = ("memory", "inference", "tools", "chat")
@@ -140,7 +140,7 @@ class ToolsSettings(BaseModel):
         cwd: str | None = Field(None, description="stdio: working directory.")
         url: str | None = Field(None, description="streamable_http: endpoint URL, e.g. http://host:8000/mcp.")
         headers: dict[str, str] = Field(default_factory=dict, description="streamable_http: request headers.")
-        timeout_s: float = Field(30.0, gt=0, description="Time limit of one tool call.")
+        timeout_s: float = Field(20.0, gt=0, description="Time limit of one tool call.")
         side_effects: bool | None = Field(
             None, description="Needs approval; default: true unless the server marks the tool read-only."
         )
@@ -223,6 +223,66 @@ class ChatSettings(BaseModel):
     )
     router_margin: float = Field(0.03, ge=0, le=1, description="Lead over the second-best tool a route needs.")
     approval_ttl_s: int = Field(3600, ge=60, description="Seconds a pending tool approval stays valid.")
+    summary_batch: int = Field(
+        8, ge=2, description="Messages outside the context window that trigger a rolling-summary update."
+    )
+    summary_max_tokens: int = Field(160, ge=16, description="Longest rolling summary, in tokens.")
+    log_prompts: Literal["full", "hash", "none"] = Field(
+        "full", description="What the per-turn log line shows of the prompt: full (capped), hash or none."
+    )
+    log_prompt_max_chars: int = Field(200, ge=0, description="Cap on the prompt text in the per-turn log line.")
+
+    # Guards: authentication, limits, idempotency, answer cache (services/chat/guards, docs/chat-guards.md).
+    auth_mode: Literal["none", "api_key", "jwt"] = Field(
+        "none",
+        description="How callers authenticate: none (every caller trusted; loopback only), api_key "
+        "(`parley keys create`) or jwt; sent as `authorization: Bearer <credential>` metadata.",
+    )
+    jwt_hs256_secret: SecretStr | None = Field(
+        None, description="jwt mode: HS256 shared secret (at least 32 bytes)."
+    )
+    jwt_public_key: str | None = Field(
+        None, description="jwt mode: RS256 public key, as PEM text or the path of a PEM file."
+    )
+    jwt_issuer: str | None = Field(None, description="jwt mode: required `iss` claim (unset: not checked).")
+    jwt_audience: str | None = Field(
+        None, description="jwt mode: required `aud` claim (unset: tokens carrying an `aud` are rejected)."
+    )
+    jwt_user_claim: str = Field("sub", description="jwt mode: claim holding the user id.")
+    jwt_admin_claim: str = Field(
+        "parley_admin", description="jwt mode: boolean claim that, when true, lets a token act for any user."
+    )
+    jwt_leeway_s: float = Field(30.0, ge=0, description="jwt mode: clock skew tolerated on exp/nbf/iat.")
+    rate_limit_requests_per_min: int = Field(
+        60, ge=0, description="Turns per user per minute (token bucket, burst = one minute's worth; 0: off)."
+    )
+    rate_limit_tokens_per_min: int = Field(
+        200_000, ge=0, description="Model tokens per user per minute, estimated before and charged after (0: off)."
+    )
+    budget_daily_usd: float = Field(
+        0.0, ge=0, description="US dollars a user may spend per UTC day (0: no limit; unpriced models are free)."
+    )
+    budget_monthly_usd: float = Field(0.0, ge=0, description="US dollars a user may spend per UTC month (0: no limit).")
+    limits_fail_closed: bool = Field(
+        False,
+        description="When Redis is down, reject turns with UNAVAILABLE instead of skipping rate limits "
+        "(and budgets, when PostgreSQL cannot answer either).",
+    )
+    idempotency_ttl_s: int = Field(86400, ge=60, description="Seconds a finished turn's result is kept per request_id.")
+    idempotency_in_flight_ttl_s: int = Field(
+        1800, ge=10, description="Seconds a running turn holds its request_id (frees it if the process died)."
+    )
+    cache_enabled: bool = Field(True, description="Exact-match answer cache (skipped per turn with skip_cache).")
+    cache_ttl_s: int = Field(3600, ge=1, description="Seconds a cached answer is kept.")
+    cache_shared_across_users: bool = Field(
+        False, description="Share cached answers between users (same model, message and context fingerprint)."
+    )
+    guard_redis_timeout_s: float = Field(
+        0.25, gt=0, description="Connect and read timeout of the guards' Redis calls."
+    )
+    guard_redis_breaker_s: float = Field(
+        5.0, ge=0, description="After a Redis failure, seconds the guards skip Redis (fail open/closed at once)."
+    )
 
 
 class Settings(BaseSettings):
@@ -259,6 +319,11 @@ class Settings(BaseSettings):
     inference_addr: str | None = Field(None, description="host:port of the inference service.")
     tools_addr: str | None = Field(None, description="host:port of the tools service.")
     chat_addr: str | None = Field(None, description="host:port of the chat service, for `parley chat`/`ask`.")
+    internal_token: SecretStr | None = Field(
+        None,
+        description="Shared secret Parley services present to each other (x-parley-internal metadata); required for "
+        "memory/inference/tools to accept calls from non-loopback peers, and to listen on a non-loopback address.",
+    )
     rpc_timeout_s: float = Field(30.0, gt=0, description="Default deadline of service-to-service calls.")
     generate_timeout_s: float = Field(300.0, gt=0, description="Deadline of calls that run a model.")
     shutdown_grace_s: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on shutdown.")

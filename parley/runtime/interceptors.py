@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,11 +25,13 @@ import grpc
 import structlog
 from grpc_status import rpc_status
 
-from parley.runtime.errors import ParleyError, internal_status, to_status
+from parley.runtime.errors import ParleyError, PermissionDenied, internal_status, to_status
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
+from parley.runtime.network import peer_is_local
 
 REQUEST_ID_KEY = "x-request-id"
+INTERNAL_TOKEN_KEY = "x-parley-internal"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("parley_request_id", default=None)
 _QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 
@@ -86,9 +89,28 @@ class _Call:
         await context.abort_with_status(rpc_status.to_status(internal_status()))
 
 
+class InternalGuard:
+    """Internal services (memory, inference, tools) answer only local peers or peers presenting the token."""
+
+    def __init__(self, services: frozenset[str], token: str | None) -> None:
+        self.services, self._token = services, token
+
+    def check(self, service: str, metadata, context: grpc.aio.ServicerContext) -> None:
+        if service not in self.services or peer_is_local(context.peer()):
+            return
+        presented = next((v for k, v in metadata or () if k == INTERNAL_TOKEN_KEY), None)
+        if self._token and presented is not None and hmac.compare_digest(str(presented), self._token):
+            return
+        raise PermissionDenied(
+            message=f"{service} is internal: call it from this machine or present the {INTERNAL_TOKEN_KEY} token",
+            reason="INTERNAL_SERVICE",
+        )
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, internal: InternalGuard | None = None) -> None:
         self._metrics = metrics
+        self._internal = internal or InternalGuard(frozenset(), None)
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -96,7 +118,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return None
         service, method = _split(handler_call_details.method)
         request_id = _incoming_request_id(handler_call_details.invocation_metadata)
-        metrics = self._metrics
+        metadata = handler_call_details.invocation_metadata
+        metrics, internal = self._metrics, self._internal
 
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
@@ -105,6 +128,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 with _Call(metrics, service, method, request_id) as call:
                     await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
                     try:
+                        internal.check(service, metadata, context)
                         return await behavior(request, context)
                     except (asyncio.CancelledError, grpc.aio.AbortError):
                         call.code = _code_of(context, "CANCELLED")
@@ -125,6 +149,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 with _Call(metrics, service, method, request_id) as call:
                     await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
                     try:
+                        internal.check(service, metadata, context)
                         async for item in stream_behavior(request, context):
                             yield item
                     except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from parley.runtime.clients import MAX_MESSAGE_BYTES
-from parley.runtime.interceptors import ObservabilityInterceptor
+from parley.runtime.interceptors import InternalGuard, ObservabilityInterceptor
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
 
@@ -24,15 +24,17 @@ class ServiceBinding:
     name: str  # short name: memory, inference, tools, chat
     full_names: tuple[str, ...]  # proto service names, for health and reflection
     register: Callable[[grpc.aio.Server], None]
-    on_stop: list[Callable[[], object]] = field(default_factory=list)
+    internal: bool = True  # only the chat service faces callers; the others answer Parley services only
 
 
 class GrpcServer:
     """One listening gRPC server hosting one or more services."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, grace_s: float) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics, grace_s: float, internal_token: str | None = None
+                 ) -> None:
+        self._internal = InternalGuard(frozenset(), internal_token)
         self._server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(metrics)],
+            interceptors=[ObservabilityInterceptor(metrics, self._internal)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -56,6 +58,8 @@ class GrpcServer:
     def add(self, binding: ServiceBinding) -> None:
         binding.register(self._server)
         self._names.extend(binding.full_names)
+        if binding.internal:
+            self._internal.services = self._internal.services | set(binding.full_names)
 
     async def start(self) -> None:
         reflection.enable_server_reflection(

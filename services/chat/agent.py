@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from parley.inference.v1 import inference_pb2 as ipb
 from parley.runtime.config import ChatSettings
-from parley.runtime.errors import ParleyError, Unavailable
+from parley.runtime.errors import NotFound, ParleyError, Unavailable
 from parley.runtime.logging import get_logger
 from parley.runtime.protoconv import from_struct
 from parley.tools.v1 import tools_pb2 as tpb
@@ -110,6 +110,20 @@ class ModelCatalog:
         self._models = {m.name: m for m in r.models}
         self._default = next((m.name for m in r.models if m.is_default), r.models[0].name if r.models else "")
         self._fetched = time.monotonic()
+
+    async def default_model(self) -> str:
+        await self._refresh()
+        return self._default
+
+    async def check_model(self, model: str) -> None:
+        """NOT_FOUND naming the configured models when `model` is not one of them (before anything is stored)."""
+        if not model:
+            return
+        await self._refresh()
+        if model not in self._models:
+            self._fetched = 0.0  # maybe configured since: look again next time
+            raise NotFound(message=f"model {model!r} is not configured; available: {', '.join(sorted(self._models))}",
+                           metadata={"model": model})
 
     async def native_tools(self, model: str) -> bool:
         await self._refresh()

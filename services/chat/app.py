@@ -1,4 +1,4 @@
-"""Builds the chat service over clients of the memory, inference and tools services."""
+"""Builds the chat service over its guards and clients of the memory, inference and tools services."""
 
 from __future__ import annotations
 
@@ -14,15 +14,19 @@ from parley.tools.v1 import tools_pb2_grpc
 from services.chat.agent import Agent, ModelCatalog
 from services.chat.approvals import ApprovalStore
 from services.chat.core import ChatCore
+from services.chat.guards import check_bind_safety, open_guards
 from services.chat.peers import InferencePeer, MemoryPeer, ToolsPeer
 from services.chat.router import ToolRouter
 from services.chat.servicer import ChatServicer
+from services.chat.summary import Summarizer
+from services.chat.telemetry import TurnMetrics
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 
 @asynccontextmanager
 async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
+    check_bind_safety(ctx.settings)  # before the server starts listening
     cfg = ctx.settings.chat
     memory = MemoryPeer(ctx.client("memory", memory_pb2_grpc.MemoryServiceStub))
     inference = InferencePeer(
@@ -31,10 +35,16 @@ async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
     tools = ToolsPeer(ctx.client("tools", tools_pb2_grpc.ToolsServiceStub))
     router = ToolRouter(await ctx.embedder(), cfg.router_threshold, cfg.router_margin)
     agent = Agent(cfg, inference, tools, router, ModelCatalog(inference))
-    core = ChatCore(cfg, memory, agent, ApprovalStore(ctx.database.engine, cfg.approval_ttl_s))
-    servicer = ChatServicer(core)
-    yield ServiceBinding(
-        name="chat",
-        full_names=(SERVICE_NAME,),
-        register=lambda server: chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server),
-    )
+    async with open_guards(ctx) as guards:
+        core = ChatCore(
+            cfg, ctx.settings.inference.default_max_tokens, memory, agent,
+            ApprovalStore(ctx.database.engine, cfg.approval_ttl_s), guards, Summarizer(cfg, memory, inference),
+            TurnMetrics(ctx.metrics),
+        )
+        servicer = ChatServicer(core)
+        yield ServiceBinding(
+            name="chat",
+            full_names=(SERVICE_NAME,),
+            register=lambda server: chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server),
+            internal=False,
+        )

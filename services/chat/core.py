@@ -1,31 +1,44 @@
-"""The chat turn: persist, assemble context, run the agent, persist, account.
+"""The chat turn, in order:
 
-`ChatCore.run_turn` is an async generator of `TurnEvent`s; the unary Chat RPC simply
-keeps the final one. The user's message is stored before any model is called, so a
-crash after that point loses nothing.
+1 authorize (the servicer authenticated the caller) · 2 idempotency · 3 rate limit and budget ·
+4 session, and the user's message persisted before any model call · 5 context (summary,
+window, recall) · 6 answer cache · 7 agent loop (tools, approvals) · 8 persist the answer,
+usage rows, charges, cache, rolling summary, metrics, one log line.
+
+`ChatCore.run_turn` is an async generator of `TurnEvent`s; the unary Chat RPC keeps the
+final one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from parley.memory.v1 import memory_pb2 as mpb
 from parley.runtime import validation as v
 from parley.runtime.config import ChatSettings
 from parley.runtime.errors import NotFound, ParleyError
 from parley.runtime.logging import get_logger
-from services.chat.agent import Agent, AgentState
+from services.chat import codec
+from services.chat.agent import Agent, AgentState, ModelCall
 from services.chat.approvals import ApprovalStore
 from services.chat.events import (
     MemoryItem,
     SessionStarted,
+    TextDelta,
     TurnEvent,
     TurnFinished,
     TurnRequest,
     TurnResult,
+    Usage,
 )
+from services.chat.guards import ChatGuards, Principal, estimate_turn_tokens
 from services.chat.peers import MemoryPeer, PromptMessage
+from services.chat.summary import Summarizer
+from services.chat.telemetry import TurnMetrics
 
 _log = get_logger(__name__)
 
@@ -35,16 +48,23 @@ class AssembledContext:
     messages: list[PromptMessage]
     memory: list[MemoryItem]
     warnings: list[str]
+    fingerprint: str  # of everything but recall: summary, system prompt, the window before this message
+    window: int  # messages of the session inside the window
 
 
 class ChatCore:
-    def __init__(self, settings: ChatSettings, memory: MemoryPeer, agent: Agent, approvals: ApprovalStore) -> None:
+    def __init__(self, settings: ChatSettings, default_max_tokens: int, memory: MemoryPeer, agent: Agent,
+                 approvals: ApprovalStore, guards: ChatGuards, summarizer: Summarizer, metrics: TurnMetrics) -> None:
         self.settings = settings
+        self.default_max_tokens = default_max_tokens
         self.memory = memory
         self.agent = agent
         self.approvals = approvals
+        self.guards = guards
+        self.summarizer = summarizer
+        self.metrics = metrics
 
-    # -- validation ----------------------------------------------------------------------------
+    # -- validation and access -------------------------------------------------------------------
 
     def validate(self, req: TurnRequest) -> None:
         v.user_id(req.user_id)
@@ -57,16 +77,47 @@ class ChatCore:
         if req.options.temperature is not None and not 0 <= req.options.temperature <= 2:
             raise v.invalid("options.temperature", "must be between 0 and 2")
 
-    @staticmethod
-    def session_ids(user_id: str, session_id: str) -> None:
+    async def authenticate(self, metadata) -> Principal:
+        return await self.guards.auth.authenticate(metadata)
+
+    def authorize(self, principal: Principal, user_id: str, session_id: str | None = None) -> None:
+        """The caller may act for `user_id` (its own, or any with an admin key); ids are well-formed."""
         v.user_id(user_id)
-        v.uuid_id(session_id, "session_id")
+        if session_id is not None:
+            v.uuid_id(session_id, "session_id")
+        self.guards.auth.authorize(principal, user_id)
 
     # -- a turn --------------------------------------------------------------------------------
 
-    async def run_turn(self, req: TurnRequest) -> AsyncIterator[TurnEvent]:
+    async def run_turn(self, principal: Principal, req: TurnRequest) -> AsyncIterator[TurnEvent]:
         started = time.perf_counter()
         self.validate(req)
+        self.authorize(principal, req.user_id)
+        await self.agent.catalog.check_model(req.options.model)
+        g = self.guards
+        fingerprint = f"{req.session_id}\0{req.message}"
+        if req.request_id:
+            stored = await g.idempotency.begin(req.user_id, req.request_id, fingerprint)
+            if stored is not None:  # a retry: the first result, not a second run
+                replay = codec.decode(stored)
+                yield SessionStarted(replay.session_id)
+                yield TurnFinished(replay)
+                return
+        try:
+            async for event in self._turn(req, started):
+                if isinstance(event, TurnFinished) and req.request_id:
+                    await g.idempotency.complete(req.user_id, req.request_id, codec.encode(event.result), fingerprint)
+                yield event
+        except BaseException:
+            if req.request_id:
+                await g.idempotency.abandon(req.user_id, req.request_id)
+            raise
+
+    async def _turn(self, req: TurnRequest, started: float) -> AsyncIterator[TurnEvent]:
+        g = self.guards
+        await g.limits.acquire(req.user_id, estimate_turn_tokens(
+            req.message, self.settings, req.options.max_tokens, self.default_max_tokens))
+        await g.budget.check(req.user_id)
         if req.session_id:
             session = await self.memory.get_session(req.user_id, req.session_id)  # NOT_FOUND if not the user's
         else:
@@ -74,9 +125,21 @@ class ChatCore:
         session_id = session.conversation_id
         yield SessionStarted(session_id)
 
-        # Persist the user's message before calling any model.
         await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
         ctx = await self.assemble(req, session_id, session.summary)
+        model = req.options.model or await self.agent.catalog.default_model()
+        use_cache = g.cache.enabled and not req.options.skip_cache
+        if use_cache:
+            hit = await g.cache.get(req.user_id, model, req.message, ctx.fingerprint)
+            self.metrics.cache.labels("hit" if hit else "miss").inc()
+            if hit is not None:
+                cached = codec.decode(hit)
+                yield TextDelta(cached.response)
+                state = AgentState(messages=[], question=req.message, text=cached.response,
+                                   served_model=cached.model, provider=cached.provider)
+                yield TurnFinished(await self._finish(req, session, state, ctx, started, cache_hit=True))
+                return
+
         state = AgentState(
             messages=ctx.messages, question=req.message, model=req.options.model,
             max_tokens=req.options.max_tokens, temperature=req.options.temperature,
@@ -84,12 +147,15 @@ class ChatCore:
         )
         async for event in self.agent.run(state, req.user_id, ctx.warnings):
             yield event
-        result = await self._finish(req.user_id, session_id, req.message, state, ctx.memory, ctx.warnings, started)
+        result = await self._finish(req, session, state, ctx, started, cache_hit=False)
+        if use_cache and not result.tool_calls and not result.pending_approvals and result.response:
+            await g.cache.put(req.user_id, model, req.message, ctx.fingerprint, codec.encode(result))
         yield TurnFinished(result)
 
-    async def resolve_approval(self, user_id: str, approval_id: str, approve: bool) -> AsyncIterator[TurnEvent]:
+    async def resolve_approval(self, principal: Principal, user_id: str, approval_id: str,
+                               approve: bool) -> AsyncIterator[TurnEvent]:
         started = time.perf_counter()
-        v.user_id(user_id)
+        self.authorize(principal, user_id)
         aid = v.uuid_id(approval_id, "approval_id")
         paused = await self.approvals.take(user_id, aid)
         if paused is None:
@@ -99,11 +165,16 @@ class ChatCore:
         yield SessionStarted(paused.session_id)
         async for event in self.agent.resume(state, user_id, approve, warnings):
             yield event
-        yield TurnFinished(await self._finish(user_id, paused.session_id, state.question, state, [], warnings, started))
+        session = await self.memory.get_session(user_id, paused.session_id)
+        ctx = AssembledContext([], [], warnings, "", session.message_count)
+        req = TurnRequest(user_id=user_id, message=state.question, session_id=paused.session_id)
+        yield TurnFinished(await self._finish(req, session, state, ctx, started, cache_hit=False))
 
-    async def _finish(self, user_id: str, session_id: str, prompt: str, state: AgentState,
-                      memory: list[MemoryItem], warnings: list[str], started: float) -> TurnResult:
-        """Persist what the turn produced (one atomic append) and build the result."""
+    async def _finish(self, req: TurnRequest, session: mpb.Conversation, state: AgentState,
+                      ctx: AssembledContext, started: float, cache_hit: bool) -> TurnResult:
+        """Persist what the turn produced (one atomic append), account for it, build the result."""
+        g = self.guards
+        user_id, session_id = req.user_id, session.conversation_id
         answer = state.text.strip()
         to_store = list(state.transcript)
         if state.pending:
@@ -112,19 +183,56 @@ class ChatCore:
             to_store.append(PromptMessage("assistant", answer or "(no answer)"))
         stored = await self.memory.append(user_id, session_id, to_store) if to_store else []
         state.transcript = []
+        tools_called = ",".join(r.name for r in state.records) or None
+        calls = list(state.calls)
+        summary_call = None
+        if not state.pending and not cache_hit:
+            summary_call = await self._summarize(user_id, session_id, ctx.window + len(stored), state.model)
+        for call, kind in [(c, "generate") for c in calls] + ([(summary_call, "summary")] if summary_call else []):
+            await g.usage.record(
+                user_id=user_id, model=call.model, provider=call.provider, prompt_tokens=call.prompt_tokens,
+                completion_tokens=call.completion_tokens, cost_usd=call.cost_usd if call.priced else None,
+                priced=call.priced, estimated=call.estimated, latency_ms=call.latency_ms, cache_hit=False,
+                tool_called=tools_called, kind=kind, session_id=session_id, request_id=req.request_id)
+        usage = state.usage
+        if summary_call:
+            usage.add(summary_call.prompt_tokens, summary_call.completion_tokens, summary_call.cost_usd,
+                      summary_call.priced, summary_call.estimated)
+        if cache_hit:
+            usage = Usage()
+            await g.usage.record(user_id=user_id, model=state.served_model, provider=state.provider, kind="cache",
+                                 cache_hit=True, cost_usd=0.0, priced=True, session_id=session_id,
+                                 request_id=req.request_id)
+        await g.limits.charge(user_id, usage.total_tokens)
+        await g.budget.charge(user_id, usage.cost_usd if usage.priced else None)
         result = TurnResult(
             response=answer, model=state.served_model, session_id=session_id, context_size=state.context_size,
-            memory=memory, tool_calls=state.records, usage=state.usage, provider=state.provider,
+            memory=ctx.memory, tool_calls=state.records, usage=usage, provider=state.provider, cache_hit=cache_hit,
             pending_approvals=state.pending, message_id=stored[-1].message_id if stored and not state.pending else "",
-            warnings=warnings, latency_ms=(time.perf_counter() - started) * 1000,
+            warnings=ctx.warnings, latency_ms=(time.perf_counter() - started) * 1000,
         )
+        self.metrics.turn(result)
         _log.info(
-            "turn", user_id=user_id, session_id=session_id, prompt=prompt[:200],
-            tokens_used=state.usage.total_tokens, time_ms=round(result.latency_ms, 1),
-            tool_called=",".join(r.name for r in state.records) or None, model=state.served_model,
-            cost=state.usage.cost_usd if state.usage.priced else None, cache_hit=False,
+            "turn", user_id=user_id, session_id=session_id, prompt=self._loggable(req.message),
+            tokens_used=usage.total_tokens, time_ms=round(result.latency_ms, 1), tool_called=tools_called,
+            model=result.model, cost=usage.cost_usd if usage.priced else None, cache_hit=cache_hit,
         )
         return result
+
+    def _loggable(self, prompt: str) -> str | None:
+        if self.settings.log_prompts == "none":
+            return None
+        if self.settings.log_prompts == "hash":
+            return "sha256:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        return prompt[: self.settings.log_prompt_max_chars]
+
+    async def _summarize(self, user_id: str, session_id: str, window: int, model: str) -> ModelCall | None:
+        try:
+            session = await self.memory.get_session(user_id, session_id)
+            return await self.summarizer.maybe_summarize(user_id, session, window, model)
+        except ParleyError as exc:  # a missed summary is retried on the next turn
+            _log.warning("summary_failed", error=exc.message)
+            return None
 
     async def assemble(self, req: TurnRequest, session_id: str, summary: str) -> AssembledContext:
         """System prompt + summary + recalled memories + the recent window (which ends with this message)."""
@@ -155,7 +263,10 @@ class ChatCore:
             lines = "\n".join(f"- ({m.role}) {m.content}" for m in memory)
             system += f"\n\nFrom earlier conversations with this user:\n{lines}"
         window = [m for m in history if m.role in ("user", "assistant") and m.content]
-        return AssembledContext([PromptMessage("system", system), *window], memory, warnings)
+        fingerprint = hashlib.sha256(json.dumps(
+            [self.settings.system_prompt, summary, [(m.role, m.content) for m in window[:-1]]]).encode()).hexdigest()
+        return AssembledContext([PromptMessage("system", system), *window], memory, warnings, fingerprint,
+                                len(history))
 
 
 def _role_name(role: int) -> str:

@@ -119,9 +119,11 @@ class MemoryPeer:
             ),
         )
 
-    async def update_summary(self, user_id: str, session_id: str, summary: str) -> None:
-        request = mpb.UpdateConversationRequest(user_id=user_id, conversation_id=session_id, summary=summary)
-        request.update_mask.paths.append("summary")
+    async def update_summary(self, user_id: str, session_id: str, summary: str, metadata: dict) -> None:
+        request = mpb.UpdateConversationRequest(
+            user_id=user_id, conversation_id=session_id, summary=summary, metadata=struct(metadata)
+        )
+        request.update_mask.paths.extend(["summary", "metadata"])
         await self.client.call("UpdateConversation", request)
 
 

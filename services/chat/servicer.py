@@ -83,40 +83,47 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, core: ChatCore) -> None:
         self.core = core
 
+    async def _authorized(self, context, user_id: str, session_id: str | None = None) -> None:
+        self.core.authorize(await self.core.authenticate(context.invocation_metadata()), user_id, session_id)
+
     async def Chat(self, request, context):
+        principal = await self.core.authenticate(context.invocation_metadata())
         final = None
-        async for event in self.core.run_turn(turn_request(request)):
+        async for event in self.core.run_turn(principal, turn_request(request)):
             if isinstance(event, TurnFinished):
                 final = event.result
         return response_pb(final)
 
     async def StreamChat(self, request, context):
-        async for event in self.core.run_turn(turn_request(request)):
+        principal = await self.core.authenticate(context.invocation_metadata())
+        async for event in self.core.run_turn(principal, turn_request(request)):
             yield event_pb(event)
 
     # Sessions are memory conversations; the memory service validates and scopes them by user.
 
     async def CreateSession(self, request, context):
+        await self._authorized(context, request.user_id)
         c = await self.core.memory.create_session(request.user_id, request.title)
         return pb.CreateSessionResponse(session=session_pb(c))
 
     async def GetSession(self, request, context):
-        self.core.session_ids(request.user_id, request.session_id)
+        await self._authorized(context, request.user_id, request.session_id)
         c = await self.core.memory.get_session(request.user_id, request.session_id)
         return pb.GetSessionResponse(session=session_pb(c))
 
     async def ListSessions(self, request, context):
+        await self._authorized(context, request.user_id)
         r = await self.core.memory.list_sessions(request.user_id, request.page_size, request.page_token)
         return pb.ListSessionsResponse(sessions=[session_pb(c) for c in r.conversations],
                                        next_page_token=r.next_page_token)
 
     async def DeleteSession(self, request, context):
-        self.core.session_ids(request.user_id, request.session_id)
+        await self._authorized(context, request.user_id, request.session_id)
         deleted = await self.core.memory.delete_session(request.user_id, request.session_id)
         return pb.DeleteSessionResponse(deleted_messages=deleted)
 
     async def ListSessionMessages(self, request, context):
-        self.core.session_ids(request.user_id, request.session_id)
+        await self._authorized(context, request.user_id, request.session_id)
         r = await self.core.memory.list_messages(
             request.user_id, request.session_id, request.page_size, request.page_token)
         return pb.ListSessionMessagesResponse(
@@ -127,9 +134,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ResolveApproval(self, request, context):
         if request.decision not in (pb.DECISION_APPROVE, pb.DECISION_DENY):
             raise invalid("decision", "must be DECISION_APPROVE or DECISION_DENY")
+        principal = await self.core.authenticate(context.invocation_metadata())
         final = None
         async for event in self.core.resolve_approval(
-            request.user_id, request.approval_id, request.decision == pb.DECISION_APPROVE
+            principal, request.user_id, request.approval_id, request.decision == pb.DECISION_APPROVE
         ):
             if isinstance(event, TurnFinished):
                 final = event.result

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -32,6 +31,7 @@ from parley.runtime.config import ChatSettings, Settings
 from parley.runtime.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
+from parley.runtime.network import is_loopback
 
 _log = get_logger(__name__)
 
@@ -267,16 +267,6 @@ class Authenticator:
 
 
 # ---- startup check ------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost, or '' (all interfaces)
 
 
 def check_bind_safety(settings: Settings) -> None:
