@@ -5,6 +5,8 @@
     parley ask "..." [--session]   one turn, streamed
     parley chat                    interactive chat (/new, /session, /quit)
     parley migrate                 apply database migrations to DATABASE_URL
+    parley keys create --user U    issue an API key (keys list / keys revoke ID)
+    parley seed-sales              load demo sales data
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from parley.client import TerminalChat
 
     settings = _settings(args)
-    chat = TerminalChat(args.addr or settings.addr_of("chat"), args.user or _default_user(), json_output=args.json)
+    chat = TerminalChat(args.addr or settings.addr_of("chat"), args.user or _default_user(), json_output=args.json,
+                        api_key=args.api_key)
     return asyncio.run(chat.ask(" ".join(args.message), session_id=args.session or ""))
 
 
@@ -95,8 +98,53 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from parley.client import TerminalChat
 
     settings = _settings(args)
-    chat = TerminalChat(args.addr or settings.addr_of("chat"), args.user or _default_user())
+    chat = TerminalChat(args.addr or settings.addr_of("chat"), args.user or _default_user(), api_key=args.api_key)
     return asyncio.run(chat.repl(session_id=args.session or ""))
+
+
+def cmd_seed_sales(args: argparse.Namespace) -> int:
+    from services.tools.sales import seed_with_settings
+
+    r = asyncio.run(seed_with_settings(_settings(args), days=args.days, seed=args.seed, replace=args.replace))
+    print(json.dumps({"inserted": r.inserted, "from": str(r.first_date), "to": str(r.last_date),
+                      "skipped": r.skipped}))
+    return 1 if r.skipped else 0
+
+
+async def _with_engine(settings: Settings, action):
+    """Run `action(engine)` against DATABASE_URL, or the embedded PostgreSQL of the data directory."""
+    from contextlib import AsyncExitStack
+
+    from parley.runtime.db import Database, migrate
+    from parley.runtime.embedded import embedded_postgres
+
+    async with AsyncExitStack() as stack:
+        url = settings.database_url or await stack.enter_async_context(
+            embedded_postgres(settings.data_dir / "postgres"))
+        await migrate(url)
+        db = Database(url)
+        stack.push_async_callback(db.close)
+        return await action(db.engine)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from services.chat.guards.auth import create_api_key, list_api_keys, revoke_api_key
+
+    settings = _settings(args)
+    if args.keys_command == "create":
+        key = asyncio.run(_with_engine(settings, lambda e: create_api_key(e, args.user, args.admin, args.name)))
+        print(key)
+        print("store this key now: it is not shown again", file=sys.stderr)
+        return 0
+    if args.keys_command == "revoke":
+        ok = asyncio.run(_with_engine(settings, lambda e: revoke_api_key(e, args.key_id)))
+        print("revoked" if ok else f"no active key {args.key_id}")
+        return 0 if ok else 1
+    keys = asyncio.run(_with_engine(settings, lambda e: list_api_keys(e, args.user, args.all)))
+    for k in keys:
+        state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+        print(f"{k.key_id}\t{k.user_id}\t{'admin' if k.is_admin else 'user'}\t{k.name}\t{state}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,11 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
     migrate.set_defaults(func=cmd_migrate)
 
+    seed = sub.add_parser("seed-sales", help="load demo sales data (idempotent)")
+    seed.add_argument("--days", type=int, default=730)
+    seed.add_argument("--seed", type=int, default=20261121)
+    seed.add_argument("--replace", action="store_true", help="replace existing demo rows")
+    seed.add_argument("--data-dir")
+    seed.set_defaults(func=cmd_seed_sales)
+
+    keys = sub.add_parser("keys", help="API keys of the chat service (stored hashed)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="issue a key (printed once)")
+    create.add_argument("--user", required=True)
+    create.add_argument("--admin", action="store_true", help="may act for any user")
+    create.add_argument("--name", default="")
+    listing = keys_sub.add_parser("list", help="list keys")
+    listing.add_argument("--user")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    for p in (create, listing, revoke):
+        p.add_argument("--data-dir")
+    keys.set_defaults(func=cmd_keys)
+
     for name, helptext in (("ask", "ask one question (streams the answer)"), ("chat", "interactive chat")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--addr", help="chat service address (default: PARLEY_CHAT_ADDR or 127.0.0.1:50050)")
         p.add_argument("--user", help="user id (default: PARLEY_USER or your login name)")
         p.add_argument("--session", help="session id to continue (default: a new session)")
+        p.add_argument("--api-key", default=os.environ.get("PARLEY_API_KEY"),
+                       help="API key or JWT when auth is on (default: PARLEY_API_KEY)")
         if name == "ask":
             p.add_argument("--json", action="store_true", help="print the final response as JSON")
             p.add_argument("message", nargs="+", help="the message")

@@ -32,6 +32,7 @@ from services.chat.slots import narrow_schema
 
 _log = get_logger(__name__)
 MAX_RESULT_CHARS_FOR_SMALL_MODELS = 1500
+TOOL_DEADLINE_MARGIN_S = 5.0
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Agent:
         self.router = router
         self.catalog = catalog
         self._tool_cache: tuple[float, list[tpb.Tool]] = (0.0, [])
+        self._timeouts_ms: dict[str, int] = {}
 
     async def available_tools(self) -> list[tpb.Tool]:
         if self.tools is None:
@@ -149,6 +151,7 @@ class Agent:
             return cached
         tools = await self.tools.list_tools()
         self._tool_cache = (time.monotonic(), tools)
+        self._timeouts_ms = {t.name: t.timeout_ms for t in tools}
         return tools
 
     async def run(self, state: AgentState, user_id: str, warnings: list[str]) -> AsyncIterator[object]:
@@ -280,7 +283,9 @@ class Agent:
             return record
         started = time.perf_counter()
         try:
-            result = await self.tools.execute(user_id, name, arguments, call_id)
+            limit_s = self._timeouts_ms.get(name, 0) / 1000
+            deadline = max(self.tools.client.timeout_s, limit_s + TOOL_DEADLINE_MARGIN_S)
+            result = await self.tools.execute(user_id, name, arguments, call_id, timeout_s=deadline)
         except ParleyError as exc:  # schema violations, unknown tool, tools service down: the model reads it
             record.error = exc.message
         else:

@@ -172,10 +172,13 @@ class ToolsPeer:
             if not token:
                 return tools
 
-    async def execute(self, user_id: str, name: str, arguments: dict, call_id: str) -> tpb.ToolResult:
+    async def execute(self, user_id: str, name: str, arguments: dict, call_id: str,
+                      timeout_s: float | None = None) -> tpb.ToolResult:
+        """Run a tool; the deadline outlasts the tool's own limit so a slow tool is a result, not an RPC error."""
         r = await self.client.call(
             "ExecuteTool",
             tpb.ExecuteToolRequest(name=name, user_id=user_id, arguments=struct(arguments), call_id=call_id),
+            timeout_s=timeout_s,
         )
         return r.result
 
