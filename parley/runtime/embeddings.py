@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class _Request:
 class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
-    def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0) -> None:
+    def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0, cache_size: int = 2048) -> None:
         self._model = model
         self.tokenizer = model.tokenizer
         self.max_seq_length = int(model.max_seq_length)
@@ -44,6 +45,10 @@ class Embedder:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
         self.batches = 0  # forward passes run (observable by tests and metrics)
+        # A turn embeds its message several times (stored for recall, the recall query, tool routing): the
+        # most recent vectors are kept so each text costs one forward pass.
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
 
     @classmethod
     async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float) -> Embedder:
@@ -92,9 +97,18 @@ class Embedder:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         if self._worker is None:
             raise RuntimeError("Embedder.start() was not called")
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(texts, future))
-        return await future
+        found = {t: self._cache[t] for t in texts if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            future = asyncio.get_running_loop().create_future()
+            await self._queue.put(_Request(missing, future))
+            found.update(zip(missing, await future))
+        for text in dict.fromkeys(texts):
+            self._cache[text] = found[text]
+            self._cache.move_to_end(text)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
     async def _run(self) -> None:
         while True:

@@ -93,7 +93,8 @@ class ChatCore:
         started = time.perf_counter()
         self.validate(req)
         self.authorize(principal, req.user_id)
-        await self.agent.catalog.check_model(req.options.model)
+        with self.metrics.step("check_model"):
+            await self.agent.catalog.check_model(req.options.model)
         g = self.guards
         fingerprint = f"{req.session_id}\0{req.message}"
         if req.request_id:
@@ -114,23 +115,28 @@ class ChatCore:
             raise
 
     async def _turn(self, req: TurnRequest, started: float) -> AsyncIterator[TurnEvent]:
-        g = self.guards
-        await g.limits.acquire(req.user_id, estimate_turn_tokens(
-            req.message, self.settings, req.options.max_tokens, self.default_max_tokens))
-        await g.budget.check(req.user_id)
-        if req.session_id:
-            session = await self.memory.get_session(req.user_id, req.session_id)  # NOT_FOUND if not the user's
-        else:
-            session = await self.memory.create_session(req.user_id, title=req.message[:80])
+        g, step = self.guards, self.metrics.step
+        with step("limits"):
+            await g.limits.acquire(req.user_id, estimate_turn_tokens(
+                req.message, self.settings, req.options.max_tokens, self.default_max_tokens))
+            await g.budget.check(req.user_id)
+        with step("session"):
+            if req.session_id:
+                session = await self.memory.get_session(req.user_id, req.session_id)  # NOT_FOUND if not the user's
+            else:
+                session = await self.memory.create_session(req.user_id, title=req.message[:80])
         session_id = session.conversation_id
         yield SessionStarted(session_id)
 
-        await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
-        ctx = await self.assemble(req, session_id, session.summary)
+        with step("persist_message"):
+            await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
+        with step("context"):
+            ctx = await self.assemble(req, session_id, session.summary)
         model = req.options.model or await self.agent.catalog.default_model()
         use_cache = g.cache.enabled and not req.options.skip_cache
         if use_cache:
-            hit = await g.cache.get(req.user_id, model, req.message, ctx.fingerprint)
+            with step("cache"):
+                hit = await g.cache.get(req.user_id, model, req.message, ctx.fingerprint)
             self.metrics.cache.labels("hit" if hit else "miss").inc()
             if hit is not None:
                 cached = codec.decode(hit)
@@ -145,11 +151,14 @@ class ChatCore:
             max_tokens=req.options.max_tokens, temperature=req.options.temperature,
             use_tools=not req.options.disable_tools,
         )
+        agent_started = time.perf_counter()
         async for event in self.agent.run(state, req.user_id, ctx.warnings):
             yield event
-        result = await self._finish(req, session, state, ctx, started, cache_hit=False)
-        if use_cache and not result.tool_calls and not result.pending_approvals and result.response:
-            await g.cache.put(req.user_id, model, req.message, ctx.fingerprint, codec.encode(result))
+        self.metrics.steps.labels("agent").observe(time.perf_counter() - agent_started)
+        with step("finish"):
+            result = await self._finish(req, session, state, ctx, started, cache_hit=False)
+            if use_cache and not result.tool_calls and not result.pending_approvals and result.response:
+                await g.cache.put(req.user_id, model, req.message, ctx.fingerprint, codec.encode(result))
         yield TurnFinished(result)
 
     async def resolve_approval(self, principal: Principal, user_id: str, approval_id: str,

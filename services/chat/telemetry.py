@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 from parley.runtime.metrics import Metrics
 from services.chat.events import TurnResult
 
@@ -17,6 +20,18 @@ class TurnMetrics:
         self.tool_calls = metrics.counter("parley_chat_tool_calls_total", "Tool calls made by the agent.",
                                           ["tool", "outcome"])
         self.cache = metrics.counter("parley_chat_cache_total", "Answer cache lookups.", ["result"])
+        self.steps = metrics.histogram(
+            "parley_chat_turn_step_seconds", "Time spent in each step of a chat turn.", ["step"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+
+    @contextmanager
+    def step(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps.labels(name).observe(time.perf_counter() - started)
 
     def turn(self, result: TurnResult) -> None:
         model = result.model or "unknown"

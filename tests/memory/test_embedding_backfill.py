@@ -57,3 +57,12 @@ async def test_concurrent_requests_share_forward_passes(parts):
     results = await asyncio.gather(*(embedder.embed([f"sentence {i}"]) for i in range(32)))
     assert all(r.shape == (1, 384) for r in results)
     assert embedder.batches - before < 32 / 2, "32 concurrent requests were micro-batched"
+
+
+async def test_repeated_texts_cost_one_forward_pass(parts):
+    _, _, embedder = parts
+    first = await embedder.embed(["a sentence embedded twice", "another one"])
+    before = embedder.batches
+    again = await embedder.embed(["another one", "a sentence embedded twice", "another one"])
+    assert embedder.batches == before, "served from the cache"
+    assert (again[1] == first[0]).all() and (again[0] == first[1]).all() and again.shape == (3, 384)

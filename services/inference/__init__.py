@@ -1,0 +1,1 @@
+"""The inference service: one API over the local model, vLLM and hosted providers."""

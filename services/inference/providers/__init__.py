@@ -1,0 +1,1 @@
+"""Provider adapters: each turns the normalised request into its wire format and back."""

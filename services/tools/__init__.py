@@ -1,0 +1,1 @@
+"""The tools service: a registry of schema-checked tools (built-ins, plugins, MCP servers, HTTP APIs)."""

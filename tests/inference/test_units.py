@@ -1,0 +1,123 @@
+"""Pure pieces: prices and cost, route configuration, cooldowns, retry waits, stop sequences."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tenacity import RetryCallState
+
+from parley.runtime.config import InferenceSettings, Settings
+from services.inference.domain import ProviderUsage
+from services.inference.pricing import PriceError, PriceTable, compute_cost
+from services.inference.providers.base import RATE_LIMIT, SERVER, ProviderError
+from services.inference.providers.llama_engine import _StopScanner
+from services.inference.resilience import Cooldowns, _Backoff
+from services.inference.routes import RouteError, load_routes
+
+
+def table(**overrides) -> PriceTable:
+    return PriceTable.load(None, overrides)
+
+
+def test_cost_counts_cached_and_written_prompt_tokens_at_their_prices():
+    price = table().price("x", "claude-haiku-4-5")
+    usage = ProviderUsage(prompt_tokens=1000, completion_tokens=100, cached_prompt_tokens=600, cache_write_tokens=300)
+    cost = compute_cost(price, usage)
+    assert cost.priced and cost.usd == pytest.approx((100 * 1.0 + 600 * 0.1 + 300 * 1.25 + 100 * 5.0) / 1e6)
+
+
+def test_long_prompts_use_the_long_context_rates():
+    price = table().price("x", "gemini-2.5-pro")
+    short = compute_cost(price, ProviderUsage(prompt_tokens=200_000, completion_tokens=1000))
+    long = compute_cost(price, ProviderUsage(prompt_tokens=200_001, completion_tokens=1000))
+    assert short.usd == pytest.approx((200_000 * 1.25 + 1000 * 10) / 1e6)
+    assert long.usd == pytest.approx((200_001 * 2.5 + 1000 * 15) / 1e6)
+
+
+def test_unknown_models_are_unpriced_never_free():
+    assert table().price("mine", "my-finetune") is None
+    cost = compute_cost(None, ProviderUsage(prompt_tokens=10, completion_tokens=10))
+    assert not cost.priced
+
+
+def test_dated_model_names_and_overrides():
+    prices = table(**{"gpt-4o": {"input_per_mtok": 9, "output_per_mtok": 9}, "my-route": {
+        "input_per_mtok": 0, "output_per_mtok": 0}})
+    assert prices.price("r", "gpt-4o-mini-2024-07-18").input_per_mtok == 0.15  # date suffix stripped, not prefix
+    assert prices.price("r", "gpt-4o-2024-08-06").input_per_mtok == 9  # override by provider model
+    free = prices.price("my-route", "llama-3")
+    assert free is not None and compute_cost(free, ProviderUsage(5, 5)).usd == 0  # priced at 0 on purpose
+    assert prices.price("r", "models/gemini-2.5-flash").output_per_mtok == 2.5
+    assert prices.context_window("claude-sonnet-4-5-20250929") == 200_000
+
+
+def test_bad_prices_fail_at_start():
+    with pytest.raises(PriceError, match="input_per_mtok is required"):
+        table(**{"m": {"output_per_mtok": 1}})
+    with pytest.raises(PriceError, match="must be a non-negative number"):
+        table(**{"m": {"input_per_mtok": -1, "output_per_mtok": 1}})
+    with pytest.raises(PriceError, match="unknown price field"):
+        table(**{"m": {"input_per_mtok": 1, "output_per_mtok": 1, "inptu": 2}})
+
+
+def test_routes_from_the_environment(monkeypatch):
+    routes = [{"name": "gpt", "provider": "openai", "model": "gpt-4o-mini", "fallbacks": ["smollm2-135m-instruct"]}]
+    monkeypatch.setenv("PARLEY_INFERENCE__ROUTES", json.dumps(routes))
+    monkeypatch.setenv("PARLEY_INFERENCE__DEFAULT_MODEL", "gpt")
+    loaded = load_routes(Settings(_env_file=None).inference)
+    assert list(loaded) == ["smollm2-135m-instruct", "gpt"]
+    assert loaded["gpt"].provider_model == "gpt-4o-mini" and loaded["gpt"].fallbacks == ("smollm2-135m-instruct",)
+
+
+@pytest.mark.parametrize("routes, default, message", [
+    ([{"name": "a", "provider": "openai", "fallbacks": ["b"]}], "a", "fallback 'b' is not a route"),
+    ([{"name": "a", "provider": "openai"}, {"name": "a", "provider": "gemini"}], "a", "defined twice"),
+    ([{"name": "a", "provider": "cohere"}], "a", "PARLEY_INFERENCE__ROUTES[0]: provider"),
+    ([{"name": "a", "provider": "vllm"}], "a", "a vllm route needs base_url"),
+    ([{"name": "a", "provider": "openai", "api_key": "sk-..."}], "a", "api_key: Extra inputs are not permitted"),
+    ([], "gpt-5", "default_model 'gpt-5' is not a route"),
+])
+def test_route_mistakes_fail_at_start(routes, default, message):
+    with pytest.raises(RouteError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_routes(InferenceSettings(routes=routes, default_model=default, local_enabled=False))
+
+
+def test_cooldown_skips_then_half_opens():
+    now = [0.0]
+    cooldowns = Cooldowns(failures=2, seconds=10, clock=lambda: now[0])
+    assert not cooldowns.failure("e") and not cooldowns.cooling("e")
+    assert cooldowns.failure("e") and cooldowns.cooling("e")
+    now[0] = 10.5
+    assert not cooldowns.cooling("e")  # the next call may try it again
+    cooldowns.failure("e")
+    cooldowns.success("e")
+    assert not cooldowns.failure("e")  # a success resets the count
+
+
+def test_retry_waits_grow_with_jitter_and_respect_retry_after():
+    wait = _Backoff(initial=0.5, maximum=4)
+
+    def state(attempt: int, exc: Exception) -> RetryCallState:
+        s = RetryCallState(None, None, (), {})
+        s.attempt_number = attempt
+        s.set_exception((type(exc), exc, None))
+        return s
+
+    first = [wait(state(1, ProviderError(SERVER, "x"))) for _ in range(50)]
+    third = [wait(state(3, ProviderError(SERVER, "x"))) for _ in range(50)]
+    assert all(0.5 <= w <= 1.0 for w in first) and len(set(first)) > 1  # jittered
+    assert all(2.0 <= w <= 2.5 for w in third)
+    assert wait(state(1, ProviderError(RATE_LIMIT, "x", 429, retry_after_s=3))) >= 3
+    assert wait(state(1, ProviderError(RATE_LIMIT, "x", 429, retry_after_s=60))) == 4  # capped
+
+
+def test_stop_sequences_across_token_boundaries():
+    scanner = _StopScanner(("END",))
+    assert scanner.feed("hello E") == ("hello ", False)  # "E" may start "END": held back
+    assert scanner.feed("N") == ("", False)
+    assert scanner.feed("D and more") == ("", True)
+    scanner = _StopScanner(("END",))
+    assert scanner.feed("E") == ("", False)
+    assert scanner.feed("gg") == ("Egg", False)
+    assert scanner.flush() == ""
