@@ -85,12 +85,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_options(args: argparse.Namespace):
+    from parley.chat.v1 import chat_pb2
+
+    options = chat_pb2.ChatOptions(model=args.model or "", max_tokens=args.max_tokens or 0)
+    if args.temperature is not None:
+        options.temperature = args.temperature
+    return options
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from parley.client import TerminalChat
 
     settings = _settings(args)
     chat = TerminalChat(args.addr or settings.addr_of("chat"), args.user or _default_user(), json_output=args.json,
-                        api_key=args.api_key)
+                        api_key=args.api_key, options=_chat_options(args))
     return asyncio.run(chat.ask(" ".join(args.message), session_id=args.session or ""))
 
 
@@ -98,7 +107,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from parley.client import TerminalChat
 
     settings = _settings(args)
-    chat = TerminalChat(args.addr or settings.addr_of("chat"), args.user or _default_user(), api_key=args.api_key)
+    chat = TerminalChat(args.addr or settings.addr_of("chat"), args.user or _default_user(), api_key=args.api_key,
+                        options=_chat_options(args))
     return asyncio.run(chat.repl(session_id=args.session or ""))
 
 
@@ -191,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--session", help="session id to continue (default: a new session)")
         p.add_argument("--api-key", default=os.environ.get("PARLEY_API_KEY"),
                        help="API key or JWT when auth is on (default: PARLEY_API_KEY)")
+        p.add_argument("--model", help="model to use (default: the server's default)")
+        p.add_argument("--max-tokens", type=int, help="longest answer, in tokens")
+        p.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
         if name == "ask":
             p.add_argument("--json", action="store_true", help="print the final response as JSON")
             p.add_argument("message", nargs="+", help="the message")

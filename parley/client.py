@@ -19,14 +19,16 @@ HELP = "commands: /new (new session), /session (show id), /quit"
 
 class TerminalChat:
     def __init__(self, address: str, user_id: str, json_output: bool = False, api_key: str | None = None,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+                 options: pb.ChatOptions | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.options = options or pb.ChatOptions()
         self.address, self.user_id, self.json_output = address, user_id, json_output
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self.out, self.err = out, err
 
     async def _turn(self, stub, message: str, session_id: str) -> pb.ChatResponse:
         final = None
-        request = pb.StreamChatRequest(user_id=self.user_id, message=message, session_id=session_id)
+        request = pb.StreamChatRequest(user_id=self.user_id, message=message, session_id=session_id,
+                                       options=self.options)
         async for event in stub.StreamChat(request, timeout=600, metadata=self.metadata):
             kind = event.WhichOneof("event")
             if kind == "delta" and not self.json_output:

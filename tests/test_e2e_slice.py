@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -114,8 +115,16 @@ def test_remembers_across_restart(tmp_path):
     up.start()
     try:
         second = up.ask("--session", session, "What is my name?")
+        chat = subprocess.run(PARLEY + ["chat", "--session", session], env=up.env, text=True, capture_output=True,
+                              input="Hello again!\n/session\n/new\nHi, who are you?\n/quit\n", timeout=300)
     finally:
         up.stop()
+    # `parley chat`: streams answers, continues the given session, /new starts another one
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("parley> ") == 2
+    footers = re.findall(r"-- session ([0-9a-f-]{36}) \| model smollm2-135m-instruct", chat.stderr)
+    assert footers[0] == session and footers[1] != session, chat.stderr
+    assert f"-- session {session}" in chat.stderr and "a new session starts" in chat.stderr
     assert second["session_id"] == session
     assert second["model"] == "smollm2-135m-instruct"
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"], "history was part of the prompt"

@@ -208,8 +208,8 @@ class ChatSettings(BaseModel):
     """The chat service (env prefix `PARLEY_CHAT__`)."""
 
     system_prompt: str = Field(
-        "You are Parley, a helpful assistant. Answer briefly and use the conversation history: "
-        "facts the user told you earlier are true.",
+        "You are Parley, a friendly assistant. Reply in one or two short sentences. "
+        "Remember what the user tells you about themselves and use it.",
         description="System prompt of every turn.",
     )
     max_message_chars: int = Field(32768, ge=1, description="Longest user message accepted.")
