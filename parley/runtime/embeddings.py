@@ -49,6 +49,7 @@ class Embedder:
         # most recent vectors are kept so each text costs one forward pass.
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+        self._in_flight: dict[str, tuple[asyncio.Future, int]] = {}
 
     @classmethod
     async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float) -> Embedder:
@@ -98,11 +99,20 @@ class Embedder:
         if self._worker is None:
             raise RuntimeError("Embedder.start() was not called")
         found = {t: self._cache[t] for t in texts if t in self._cache}
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        pending = {t: self._in_flight[t] for t in texts if t not in found and t in self._in_flight}
+        missing = [t for t in dict.fromkeys(texts) if t not in found and t not in pending]
         if missing:
             future = asyncio.get_running_loop().create_future()
-            await self._queue.put(_Request(missing, future))
-            found.update(zip(missing, await future))
+            for i, text in enumerate(missing):  # concurrent callers of the same text wait for this pass
+                self._in_flight[text] = (future, i)
+            try:
+                await self._queue.put(_Request(missing, future))
+                found.update(zip(missing, await asyncio.shield(future)))
+            finally:
+                for text in missing:
+                    self._in_flight.pop(text, None)
+        for text, (future, i) in pending.items():
+            found[text] = (await asyncio.shield(future))[i]
         for text in dict.fromkeys(texts):
             self._cache[text] = found[text]
             self._cache.move_to_end(text)

@@ -72,7 +72,8 @@ class MemoryPeer:
         r = await self.client.call(
             "AppendMessages",
             mpb.AppendMessagesRequest(
-                user_id=user_id, conversation_id=session_id, messages=[m.to_memory() for m in messages]
+                user_id=user_id, conversation_id=session_id, messages=[m.to_memory() for m in messages],
+                async_embedding=True,  # recall of this turn's messages is only needed from the next turn on
             ),
         )
         return list(r.messages)

@@ -21,7 +21,8 @@ async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
     store = MemoryStore(ctx.database.engine)
     backfill = EmbeddingBackfill(store, embedder)
     backfill.start()
-    servicer = MemoryServicer(MemoryCore(store, embedder, ctx.settings.memory))
+    core = MemoryCore(store, embedder, ctx.settings.memory)
+    servicer = MemoryServicer(core)
     try:
         yield ServiceBinding(
             name="memory",
@@ -29,4 +30,5 @@ async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
             register=lambda server: memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server),
         )
     finally:
+        await core.close()
         await backfill.close()

@@ -63,6 +63,7 @@ class MemoryCore:
         self.store = store
         self.embedder = embedder
         self.settings = settings
+        self._background: set[asyncio.Task] = set()
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -142,7 +143,8 @@ class MemoryCore:
             raise v.invalid(f"{field}.tool_call_id", "is required for a tool message")
         _metadata(m.metadata, f"{field}.metadata")
 
-    async def append_messages(self, user_id: str, conversation_id: str, messages: list[NewMessage]) -> list[Message]:
+    async def append_messages(self, user_id: str, conversation_id: str, messages: list[NewMessage],
+                              wait_for_embedding: bool = True) -> list[Message]:
         v.user_id(user_id)
         cid = v.uuid_id(conversation_id, "conversation_id")
         if not messages:
@@ -164,8 +166,19 @@ class MemoryCore:
         if stored is None:
             embedding.cancel()
             raise _not_found("conversation", conversation_id)
-        await self._fill_embeddings([m for m in stored if m.content.strip()], embedding)
+        todo = [m for m in stored if m.content.strip()]
+        if wait_for_embedding:
+            await self._fill_embeddings(todo, embedding)
+        else:  # the turn is committed; its vectors follow (the backfill covers a crash in between)
+            task = asyncio.create_task(self._fill_embeddings(todo, embedding))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return stored
+
+    async def close(self) -> None:
+        """Let embeddings in flight finish (briefly); whatever does not is left to the backfill."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
 
     async def _fill_embeddings(self, todo: list[Message], embedding: asyncio.Future) -> None:
         """Store the embeddings; on failure leave them to the backfill worker (the turn is already safe)."""

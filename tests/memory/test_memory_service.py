@@ -309,3 +309,20 @@ async def test_bad_input_is_rejected_with_clear_messages_and_nothing_stored(memo
     await expect_error(memory.UpdateConversation(upd), BAD, "cannot update user_id")
     # the server is still up and well
     assert (await memory.GetConversation(pb.GetConversationRequest(user_id=user, conversation_id=cid))).conversation
+
+
+async def test_async_embedding_returns_at_commit_and_fills_in_after(memory):
+    import asyncio
+
+    user = uid()
+    cid = await new_conversation(memory, user)
+    r = await memory.AppendMessages(pb.AppendMessagesRequest(
+        user_id=user, conversation_id=cid, async_embedding=True,
+        messages=[pb.NewMessage(role=pb.ROLE_USER, content="I keep my bike in the blue shed.")]))
+    assert r.messages[0].message_id and r.messages[0].token_count > 0
+    for _ in range(100):  # the vector follows within moments
+        hits = await memory.Recall(pb.RecallRequest(user_id=user, query="where is my bike?"))
+        if hits.results:
+            break
+        await asyncio.sleep(0.05)
+    assert hits.results and hits.results[0].message.message_id == r.messages[0].message_id

@@ -190,14 +190,16 @@ class DeleteConversationResponse(_message.Message):
     def __init__(self, deleted_messages: _Optional[int] = ...) -> None: ...
 
 class AppendMessagesRequest(_message.Message):
-    __slots__ = ("user_id", "conversation_id", "messages")
+    __slots__ = ("user_id", "conversation_id", "messages", "async_embedding")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     conversation_id: str
     messages: _containers.RepeatedCompositeFieldContainer[NewMessage]
-    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[NewMessage, _Mapping]]] = ...) -> None: ...
+    async_embedding: bool
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[NewMessage, _Mapping]]] = ..., async_embedding: _Optional[bool] = ...) -> None: ...
 
 class AppendMessagesResponse(_message.Message):
     __slots__ = ("messages",)
