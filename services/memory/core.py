@@ -192,19 +192,23 @@ class MemoryCore:
             m.embedded = True
 
     async def list_messages(
-        self, user_id: str, conversation_id: str, page_size: int, page_token: str, token_budget: int
+        self, user_id: str, conversation_id: str, page_size: int, page_token: str, token_budget: int,
+        last_n: int = 0,
     ) -> tuple[list[Message], str]:
         v.user_id(user_id)
         cid = v.uuid_id(conversation_id, "conversation_id")
         limit = v.page_size(page_size)
         if token_budget < 0:
             raise v.invalid("token_budget", "must not be negative")
-        if token_budget and page_token:
-            raise v.invalid("page_token", "cannot be combined with token_budget")
+        if not 0 <= last_n <= v.MAX_PAGE_SIZE:
+            raise v.invalid("last_n", f"must be between 0 and {v.MAX_PAGE_SIZE}")
+        if (token_budget or last_n) and page_token:
+            raise v.invalid("page_token", "cannot be combined with token_budget or last_n")
         if await self.store.get_conversation(user_id, cid) is None:
             raise _not_found("conversation", conversation_id)
-        if token_budget:
-            return await self.store.recent_messages_within(user_id, cid, token_budget, limit), ""
+        if token_budget or last_n:
+            budget = token_budget or 2**31 - 1
+            return await self.store.recent_messages_within(user_id, cid, budget, last_n or limit), ""
         scope = {"rpc": "ListMessages", "user_id": user_id, "conversation_id": str(cid)}
         position = v.decode_page_token(page_token, scope)
         rows = await self.store.list_messages(user_id, cid, limit + 1, int(position[0]) if position else None)

@@ -105,7 +105,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def ListMessages(self, request, context):
         rows, token = await self.core.list_messages(
-            request.user_id, request.conversation_id, request.page_size, request.page_token, request.token_budget
+            request.user_id, request.conversation_id, request.page_size, request.page_token, request.token_budget,
+            request.last_n,
         )
         return pb.ListMessagesResponse(
             messages=[message_pb(m) for m in rows], next_page_token=token,

@@ -94,6 +94,8 @@ async def test_history_pages_and_token_budget(memory):
         user_id=user, conversation_id=cid, token_budget=per_message * 3))
     assert [m.content for m in recent.messages] == [f"message number {i}" for i in (4, 5, 6)]
     assert recent.total_tokens <= per_message * 3
+    last = await memory.ListMessages(pb.ListMessagesRequest(user_id=user, conversation_id=cid, last_n=2))
+    assert [m.content for m in last.messages] == ["message number 5", "message number 6"]
 
 
 async def test_list_conversations_pages_newest_first(memory):
@@ -296,6 +298,8 @@ async def test_bad_input_is_rejected_with_clear_messages_and_nothing_stored(memo
     page = await memory.ListConversations(pb.ListConversationsRequest(user_id=user, page_size=1))
     await expect_error(memory.ListConversations(pb.ListConversationsRequest(
         user_id=uid(), page_size=1, page_token=page.next_page_token)), BAD, "does not belong")
+    await expect_error(memory.ListMessages(pb.ListMessagesRequest(user_id=user, conversation_id=cid, last_n=5000)),
+                       BAD, "last_n")
     await expect_error(memory.Recall(pb.RecallRequest(user_id=user, query="")), BAD, "query")
     await expect_error(memory.Recall(pb.RecallRequest(user_id=user, query="x", top_k=1000)), BAD, "top_k")
     await expect_error(memory.Recall(pb.RecallRequest(user_id=user, query="x", min_score=2)), BAD, "min_score")

@@ -208,18 +208,20 @@ class AppendMessagesResponse(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
 
 class ListMessagesRequest(_message.Message):
-    __slots__ = ("user_id", "conversation_id", "page_size", "page_token", "token_budget")
+    __slots__ = ("user_id", "conversation_id", "page_size", "page_token", "token_budget", "last_n")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    LAST_N_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     conversation_id: str
     page_size: int
     page_token: str
     token_budget: int
-    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., token_budget: _Optional[int] = ...) -> None: ...
+    last_n: int
+    def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., token_budget: _Optional[int] = ..., last_n: _Optional[int] = ...) -> None: ...
 
 class ListMessagesResponse(_message.Message):
     __slots__ = ("messages", "next_page_token", "total_tokens")
