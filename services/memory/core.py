@@ -81,17 +81,9 @@ class MemoryCore:
         return found
 
     async def list_conversations(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Conversation], str]:
-        v.user_id(user_id)
-        limit = v.page_size(page_size)
-        scope = {"rpc": "ListConversations", "user_id": user_id}
-        position = v.decode_page_token(page_token, scope)
-        after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1])) if position else None
-        rows = await self.store.list_conversations(user_id, limit + 1, after)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = v.encode_page_token([rows[-1].updated_at.isoformat(), str(rows[-1].id)], scope)
-        return rows, token
+        """Most recently updated first, keyset-paged on (updated_at, id)."""
+        return await _time_keyset_page(self.store.list_conversations, "ListConversations", user_id, page_size,
+                                       page_token, lambda c: c.updated_at)
 
     async def update_conversation(
         self, user_id: str, conversation_id: str, changes: dict[str, Any], paths: list[str]
@@ -255,17 +247,9 @@ class MemoryCore:
         return await self.store.insert_document(doc, chunks, vectors.tolist())
 
     async def list_documents(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Document], str]:
-        v.user_id(user_id)
-        limit = v.page_size(page_size)
-        scope = {"rpc": "ListDocuments", "user_id": user_id}
-        position = v.decode_page_token(page_token, scope)
-        after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1])) if position else None
-        rows = await self.store.list_documents(user_id, limit + 1, after)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = v.encode_page_token([rows[-1].created_at.isoformat(), str(rows[-1].id)], scope)
-        return rows, token
+        """Newest first, keyset-paged on (created_at, id)."""
+        return await _time_keyset_page(self.store.list_documents, "ListDocuments", user_id, page_size, page_token,
+                                       lambda d: d.created_at)
 
     async def delete_document(self, user_id: str, document_id: str) -> int:
         v.user_id(user_id)
@@ -285,6 +269,20 @@ class MemoryCore:
     async def delete_user(self, user_id: str) -> tuple[int, int, int]:
         v.user_id(user_id)
         return await self.store.delete_user(user_id)
+
+
+async def _time_keyset_page(fetch, rpc: str, user_id: str, page_size: int, page_token: str, time_of):
+    """One AIP-158 page of rows ordered by (time desc, id desc); the token holds the last row's key."""
+    v.user_id(user_id)
+    limit = v.page_size(page_size)
+    scope = {"rpc": rpc, "user_id": user_id}
+    position = v.decode_page_token(page_token, scope)
+    after = (datetime.fromisoformat(position[0]), uuid.UUID(position[1])) if position else None
+    rows = await fetch(user_id, limit + 1, after)
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    return rows, v.encode_page_token([time_of(rows[-1]).isoformat(), str(rows[-1].id)], scope)
 
 
 def _not_found(kind: str, ident: str) -> NotFound:
