@@ -7,6 +7,8 @@
     parley migrate                 apply database migrations to DATABASE_URL
     parley keys create --user U    issue an API key (keys list / keys revoke ID)
     parley seed-sales              load demo sales data
+    parley health [ADDR]           gRPC health check
+    parley dashboard               the operator dashboard (Streamlit)
 """
 
 from __future__ import annotations
@@ -157,6 +159,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from parley.health import run
+
+    return run(args)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from parley.health import run_dashboard
+
+    return run_dashboard(args.port, args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_ask)
         else:
             p.set_defaults(func=cmd_chat)
+    from parley.health import add_arguments as add_health_arguments  # argparse only, no grpc import
+
+    health = sub.add_parser("health", help="gRPC health check of running services (exit 0 when SERVING)")
+    add_health_arguments(health)
+    health.set_defaults(func=cmd_health)
+    dashboard = sub.add_parser("dashboard", help="the operator dashboard (Streamlit; reads DATABASE_URL)")
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.add_argument("--address", default="127.0.0.1")
+    dashboard.set_defaults(func=cmd_dashboard)
     return parser
 
 

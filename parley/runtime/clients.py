@@ -21,6 +21,8 @@ StubT = TypeVar("StubT")
 
 _SERVICE_CONFIG = json.dumps(
     {
+        # spread calls over every address a name resolves to (a headless Kubernetes Service)
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],

@@ -21,6 +21,7 @@ from parley.memory.v1 import memory_pb2 as mpb
 from parley.runtime import validation as v
 from parley.runtime.config import ChatSettings
 from parley.runtime.errors import NotFound, ParleyError
+from parley.runtime.interceptors import current_request_id
 from parley.runtime.logging import get_logger
 from services.chat import codec
 from services.chat.agent import Agent, AgentState, ModelCall
@@ -193,6 +194,7 @@ class ChatCore:
         stored = await self.memory.append(user_id, session_id, to_store) if to_store else []
         state.transcript = []
         tools_called = ",".join(r.name for r in state.records) or None
+        request_id = req.request_id or current_request_id() or ""  # one id per turn in the usage rows
         calls = list(state.calls)
         summary_call = None
         if not state.pending and not cache_hit:
@@ -202,7 +204,7 @@ class ChatCore:
                 user_id=user_id, model=call.model, provider=call.provider, prompt_tokens=call.prompt_tokens,
                 completion_tokens=call.completion_tokens, cost_usd=call.cost_usd if call.priced else None,
                 priced=call.priced, estimated=call.estimated, latency_ms=call.latency_ms, cache_hit=False,
-                tool_called=tools_called, kind=kind, session_id=session_id, request_id=req.request_id)
+                tool_called=tools_called, kind=kind, session_id=session_id, request_id=request_id)
         usage = state.usage
         if summary_call:
             usage.add(summary_call.prompt_tokens, summary_call.completion_tokens, summary_call.cost_usd,
@@ -211,7 +213,7 @@ class ChatCore:
             usage = Usage()
             await g.usage.record(user_id=user_id, model=state.served_model, provider=state.provider, kind="cache",
                                  cache_hit=True, cost_usd=0.0, priced=True, session_id=session_id,
-                                 request_id=req.request_id)
+                                 request_id=request_id)
         await g.limits.charge(user_id, usage.total_tokens)
         await g.budget.charge(user_id, usage.cost_usd if usage.priced else None)
         result = TurnResult(

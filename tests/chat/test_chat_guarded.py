@@ -206,8 +206,10 @@ async def test_side_effecting_tool_waits_for_approval(guarded, database_url, out
     done = await chat.ResolveApproval(pb.ResolveApprovalRequest(user_id=uid, approval_id=approval,
                                                                 decision=pb.DECISION_APPROVE), metadata=meta)
     sent = [json.loads(line) for line in outbox.read_text().splitlines()]
-    assert len(sent) == 1 and "@" in sent[0]["to"]
+    approved_args = json.loads(paused.pending_approvals[0].arguments_json)
+    assert sent == [approved_args], "exactly the approved call ran, once"
     assert [t.name for t in done.response.tool_calls] == ["send_email"] and not done.response.tool_calls[0].error
+    assert json.loads(done.response.tool_calls[0].arguments_json) == approved_args
     assert not done.response.pending_approvals and done.response.message_id
     await failing(chat.ResolveApproval(pb.ResolveApprovalRequest(user_id=uid, approval_id=approval,
                                                                  decision=pb.DECISION_APPROVE), metadata=meta),
