@@ -6,7 +6,8 @@ Used by container healthchecks (docker-compose), by the operator dashboard, and 
     python -m parley.health --all                                 every service at PARLEY_<SVC>_ADDR (or the chat
                                                                   address, where `parley up` serves all four)
 
-`main(argv)` is meant for `parley health ...` and `run_dashboard(...)` for `parley dashboard` (parley/cli.py).
+`add_arguments`/`run` back `parley health`, `run_dashboard` backs `parley dashboard` (parley/cli.py). grpc is
+imported inside the functions, so importing this module costs nothing.
 
 It imports only grpc and the health stubs, so a probe costs a fraction of a second.
 """
@@ -22,9 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 SERVICE_FULL_NAMES = {
     "chat": "parley.chat.v1.ChatService",
     "memory": "parley.memory.v1.MemoryService",
@@ -39,6 +37,9 @@ def check(addr: str, service: str = "", timeout_s: float = 2.0) -> str:
 
     Returns SERVING, NOT_SERVING, SERVICE_UNKNOWN (the server does not host it) or UNREACHABLE.
     """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     full = SERVICE_FULL_NAMES.get(service, service)
     with grpc.insecure_channel(addr) as channel:
         try:
@@ -148,22 +149,32 @@ def run_dashboard(port: int = 8501, address: str = "127.0.0.1") -> int:
     return 0  # not reached
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parley health", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `parley health` (also used by `python -m parley.health`)."""
     parser.add_argument("addr", nargs="?", help="host:port (default: the service's PARLEY_<SVC>_ADDR)")
     parser.add_argument("--service", default="", help="memory, inference, tools, chat or a full name ('': server)")
     parser.add_argument("--all", action="store_true", help="check all four services; print JSON")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the status; 0 when SERVING (all SERVING with --all), else 1."""
     if args.all:
         statuses = check_all(service_addresses(), args.timeout)
         print(json.dumps(statuses))
         return 0 if all(s == "SERVING" for s in statuses.values()) else 1
-    addr = args.addr or service_addresses().get(args.service) or service_addresses()["chat"]
+    addrs = service_addresses()
+    addr = args.addr or addrs.get(args.service) or addrs["chat"]
     status = check(addr, args.service, args.timeout)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="parley health", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,12 @@ def _find(kind: str, name: str) -> dict:
 # ---------------------------------------------------------------- docker-compose.yml
 
 
+def test_provider_key_variables_are_the_ones_inference_reads():
+    routes = pytest.importorskip("services.inference.routes")
+    providers = {k for k, who in NON_SETTINGS_ENV.items() if "provider key" in who}
+    assert providers <= set(routes.DEFAULT_KEY_ENV.values())
+
+
 def test_compose_has_every_service():
     services = COMPOSE["services"]
     assert set(services) == {"postgres", "redis", *SERVICE_NAMES, "gateway", "dashboard"}

@@ -1,7 +1,8 @@
 """REST through the grpc-gateway, in front of real Parley gRPC servers (real PostgreSQL, real model).
 
 The memory routes are always tested. The chat contract (POST /v1/chat and /v1/chat:stream) is tested when the
-four-service stack starts; otherwise those tests skip and say why.
+four-service stack starts; otherwise those tests skip and say why. Chat runs with API-key authentication (when the
+chat guards exist), so the `Authorization` header is checked end to end by the real chat service.
 """
 
 from __future__ import annotations
@@ -10,35 +11,64 @@ import json
 import subprocess
 import uuid
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 import grpc
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from parley.runtime.app import RunningApp
+from parley.runtime.db import async_url
 from parley.tools.v1 import tools_pb2
 
 from .conftest import BUILD, ROOT, TOOLCHAIN_UNAVAILABLE, _tail
 
 ALL_SERVICES = ["memory", "inference", "tools", "chat"]
+CHAT_USER = "123"
 CHAT_CONTRACT_KEYS = {"response", "model", "tokens_used", "context_size", "memory"}
+
+
+@dataclass
+class Stack:
+    app: RunningApp
+    chat_unavailable: str | None  # why the four-service stack did not start (chat tests skip with it)
+    api_key: str | None  # a key of CHAT_USER when chat runs with auth_mode=api_key
+
+
+def _key_issuer():
+    """services.chat.guards.auth.create_api_key when the chat guards exist (then chat runs with api_key auth)."""
+    try:
+        from services.chat.guards.auth import create_api_key
+    except ImportError:
+        return None
+    return create_api_key
 
 
 @pytest.fixture(scope="module")
 async def stack(start_stack):
-    """The full stack if it starts, else memory alone; yields (app, why chat is unavailable or None)."""
+    """The full stack if it starts (chat with API-key auth), else memory alone."""
+    issue_key = _key_issuer()
     async with AsyncExitStack() as stack:
+        key = None
         try:
-            app, why = await stack.enter_async_context(start_stack(ALL_SERVICES)), None
+            overrides = {"chat": {"auth_mode": "api_key"}} if issue_key else {}
+            app, why = await stack.enter_async_context(start_stack(ALL_SERVICES, **overrides)), None
         except Exception as exc:  # noqa: BLE001 - chat is optional here; the reason is reported by the skips
             why = f"the four-service stack did not start: {type(exc).__name__}: {exc}"
             app = await stack.enter_async_context(start_stack(["memory"]))
-        yield app, why
+        if why is None and issue_key:
+            engine = create_async_engine(async_url(app.database_url))
+            try:
+                key = await issue_key(engine, CHAT_USER, name="gateway tests")
+            finally:
+                await engine.dispose()
+        yield Stack(app, why, key)
 
 
 @pytest.fixture(scope="module")
-async def gw(stack, start_gateway):
-    app, _ = stack
-    async with start_gateway({name: app.address for name in ALL_SERVICES}) as gateway:
+async def gw(start_gateway, stack):  # build the gateway before the stack starts
+    async with start_gateway({name: stack.app.address for name in ALL_SERVICES}) as gateway:
         yield gateway
 
 
@@ -156,7 +186,7 @@ async def test_request_id_round_trips_through_the_service(http, user):
 
 
 async def test_readiness_reports_each_upstream(http, stack):
-    app, _ = stack
+    app = stack.app
     resp = await http.get("/readyz")
     body = resp.json()
     for name in app.services:
@@ -211,16 +241,18 @@ async def test_unreachable_upstream_is_503(start_gateway):
         assert ready.status_code == 503 and ready.json()["services"]["memory"] == "UNREACHABLE"
 
 
-def _require_chat(stack) -> None:
-    _, why = stack
-    if why:
-        pytest.skip(why)
+def _chat_headers(stack: Stack) -> dict[str, str]:
+    """Skips when chat is not running; the Authorization header when it wants one."""
+    if stack.chat_unavailable:
+        pytest.skip(stack.chat_unavailable)
+    return {"Authorization": f"Bearer {stack.api_key}"} if stack.api_key else {}
 
 
 async def test_chat_contract(http, stack):
-    _require_chat(stack)
-    resp = await http.post("/v1/chat", json={"user_id": "123", "message": "Say hello in three words.",
-                                             "options": {"max_tokens": 16, "disable_tools": True}})
+    headers = _chat_headers(stack)
+    resp = await http.post("/v1/chat", headers=headers,
+                           json={"user_id": CHAT_USER, "message": "Say hello in three words.",
+                                 "options": {"max_tokens": 16, "disable_tools": True}})
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert CHAT_CONTRACT_KEYS <= set(body), body
@@ -232,17 +264,33 @@ async def test_chat_contract(http, stack):
     uuid.UUID(body["session_id"])
 
 
+async def test_chat_authorization_header_reaches_the_chat_service(http, stack):
+    """With API-key auth: no header 401, a wrong key 401, another user's id 403, the right key 200."""
+    headers = _chat_headers(stack)
+    if not headers:
+        pytest.skip("the chat guards (services/chat/guards) are not available: chat runs without auth")
+    body = {"user_id": CHAT_USER, "message": "Hi", "options": {"max_tokens": 4, "disable_tools": True}}
+    missing = assert_status_json(await http.post("/v1/chat", json=body), 401, 16)
+    assert "authorization" in missing["message"]
+    wrong = await http.post("/v1/chat", json=body, headers={"Authorization": "Bearer pk_0123456789abcdef_nope"})
+    assert_status_json(wrong, 401, 16)
+    other = await http.post("/v1/chat", json={**body, "user_id": "456"}, headers=headers)
+    assert "may act only for user" in assert_status_json(other, 403, 7)["message"]
+    ok = await http.post("/v1/chat", json=body, headers=headers)
+    assert ok.status_code == 200, ok.text
+
+
 async def test_chat_contract_rejects_unknown_fields(http, stack):
-    _require_chat(stack)
-    resp = await http.post("/v1/chat", json={"user_id": "123", "message": "hi", "temperature": 0.2})
+    headers = _chat_headers(stack)
+    resp = await http.post("/v1/chat", headers=headers, json={"user_id": CHAT_USER, "message": "hi", "temperature": 0.2})
     body = assert_status_json(resp, 400, 3)
     assert "temperature" in body["message"]
 
 
 async def test_chat_stream_is_ndjson(http, stack):
-    _require_chat(stack)
-    async with http.stream("POST", "/v1/chat:stream", json={"user_id": "123", "message": "Say hi.",
-                                                              "options": {"max_tokens": 8, "disable_tools": True}}) as resp:
+    headers = _chat_headers(stack)
+    body = {"user_id": CHAT_USER, "message": "Say hi.", "options": {"max_tokens": 8, "disable_tools": True}}
+    async with http.stream("POST", "/v1/chat:stream", json=body, headers=headers) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("application/x-ndjson")
         events = [json.loads(line) async for line in resp.aiter_lines() if line.strip()]
@@ -259,4 +307,4 @@ def test_generated_code_is_current(gateway_binary):
     proc = subprocess.run([str(BUILD), "check"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode == TOOLCHAIN_UNAVAILABLE:
         pytest.skip(f"Go plugins unavailable:\n{_tail(proc.stderr)}")
-    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr, 60)
+    assert proc.returncode == 0, _tail(proc.stderr, 30)

@@ -1,0 +1,1 @@
+"""Parley's operator dashboard (Streamlit): `streamlit run dashboard/app.py`."""
