@@ -35,6 +35,7 @@ from parley.runtime.config import Settings
 from parley.runtime.db import Database
 from parley.runtime.embedded import embedded_postgres
 from parley.runtime.embeddings import Embedder
+from parley.runtime.logging import configure_logging
 from services.memory.store import HNSW_EF_SEARCH, MemoryStore, vector_literal
 
 CACHE = Path.home() / ".cache" / "parley" / "bench"
@@ -254,6 +255,7 @@ async def bench_langchain(database_url: str, model, texts: list[str], vectors: n
 
 async def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configure_logging("WARNING", json=False)
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         async with embedded_postgres(Path(tmp) / "pg") if not os.environ.get("DATABASE_URL") else _given() as url:
             settings = Settings(_env_file=None, database_url=url, data_dir=Path(tmp), metrics_port=0,

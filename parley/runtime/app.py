@@ -60,7 +60,8 @@ class ServiceContext:
         async with self._embedder_lock:
             if self._embedder is None:
                 cfg = self.settings.embedding
-                self._embedder = await Embedder.load(cfg.model_path, cfg.batch_size, cfg.max_wait_ms)
+                self._embedder = await Embedder.load(cfg.model_path, cfg.batch_size, cfg.max_wait_ms,
+                                                     cfg.torch_threads)
                 self._embedder.start()
                 self._stack.push_async_callback(self._embedder.close)
         return self._embedder

@@ -46,7 +46,9 @@ class InferenceSettings(BaseModel):
     )
     local_model_name: str = Field("smollm2-135m-instruct", description="Name the local model is listed under.")
     local_n_ctx: int = Field(4096, ge=256, description="Context window of the local model, in tokens.")
-    local_n_threads: int = Field(0, ge=0, description="CPU threads for llama.cpp; 0 means all cores.")
+    local_n_threads: int = Field(
+        0, ge=0, description="CPU threads per llama.cpp instance; 0: all cores, shared among the instances."
+    )
     local_max_concurrency: int = Field(
         1, ge=1, description="Parallel generations on the local model (one llama.cpp instance each)."
     )
@@ -56,6 +58,11 @@ class InferenceSettings(BaseModel):
     local_system_prompt: str = Field(
         "You are a helpful assistant.",
         description="System prompt prepended for the local model when a request has none.",
+    )
+    local_temperature: float = Field(
+        0.0, ge=0, le=2,
+        description="Temperature of the local model when a request sets none; 0: greedy, deterministic (SmolLM2 "
+        "keeps facts from the conversation better greedy than at its model card's 0.2).",
     )
     default_max_tokens: int = Field(256, ge=1, description="Completion tokens when a request sets none.")
     routes: list[dict[str, object]] = Field(
@@ -85,7 +92,7 @@ class InferenceSettings(BaseModel):
     cooldown_s: float = Field(30.0, ge=0, description="How long a failing provider is skipped (0 disables).")
     health_ttl_s: float = Field(15.0, ge=0, description="How long ListModels reuses a reachability check.")
     max_request_chars: int = Field(
-        2_000_000, ge=1, description="Largest total text (messages, tools, schemas) of one request."
+        2_000_000, ge=1, description="Largest total text of one request (messages, tool calls, tool descriptions)."
     )
 
 
@@ -97,6 +104,10 @@ class EmbeddingSettings(BaseModel):
     )
     batch_size: int = Field(64, ge=1, description="Largest micro-batch of texts per forward pass.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long a micro-batch waits to fill up.")
+    torch_threads: int = Field(
+        1, ge=0, description="CPU threads torch may use for embeddings (process-wide; 0: torch's default, all "
+        "cores). One leaves the other cores to the event loop and the database: more starves them."
+    )
 
 
 class MemorySettings(BaseModel):

@@ -8,6 +8,7 @@ to `batch_size` texts, so 32 concurrent writers cost a few forward passes, not 3
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ class Embedder:
 
     def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0, cache_size: int = 2048) -> None:
         self._model = model
-        self.tokenizer = model.tokenizer
+        # Hugging Face fast tokenizers are not safe to share between threads: the encode thread keeps the
+        # model's own; token counting (event loop) and chunking (worker threads) get copies.
+        self.tokenizer = copy.deepcopy(model.tokenizer)
         self.max_seq_length = int(model.max_seq_length)
         self._batch_size = batch_size
         self._max_wait = max_wait_ms / 1000
@@ -51,8 +54,13 @@ class Embedder:
         self._cache_size = cache_size
         self._in_flight: dict[str, tuple[asyncio.Future, int]] = {}
 
+    def new_tokenizer(self):
+        """A private tokenizer for work in another thread (chunking a document)."""
+        return copy.deepcopy(self.tokenizer)
+
     @classmethod
-    async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float) -> Embedder:
+    async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float,
+                   torch_threads: int = 1) -> Embedder:
         """Load the model in a thread, logging progress every second while it loads."""
         path = model_path or packaged_embedding_model_path()
         if not Path(path).exists():
@@ -61,7 +69,11 @@ class Embedder:
         _log.info("embedding_model_loading", path=path)
 
         def _load():
+            import torch
             from sentence_transformers import SentenceTransformer
+
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
 
             return SentenceTransformer(path, device="cpu")
 

@@ -238,7 +238,7 @@ class MemoryCore:
         overlap = chunk_overlap or min(DEFAULT_CHUNK_OVERLAP, size // 4)
         if not 0 <= overlap < size:
             raise v.invalid("chunk_overlap", f"must be between 0 and {size - 1} (below chunk_tokens)")
-        chunks = await asyncio.to_thread(chunk_text, content, self.embedder.tokenizer, size, overlap)
+        chunks = await asyncio.to_thread(chunk_text, content, self.embedder.new_tokenizer(), size, overlap)
         vectors = await self.embedder.embed(chunks)
         doc = Document(
             id=uuid.uuid4(), user_id=user_id, title=title, source=source, visibility=visibility,

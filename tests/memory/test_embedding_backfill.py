@@ -66,3 +66,39 @@ async def test_repeated_texts_cost_one_forward_pass(parts):
     again = await embedder.embed(["another one", "a sentence embedded twice", "another one"])
     assert embedder.batches == before, "served from the cache"
     assert (again[1] == first[0]).all() and (again[0] == first[1]).all() and again.shape == (3, 384)
+
+
+async def test_concurrent_appends_and_chunking_all_embed(parts):
+    """Token counting, chunking and encoding run in different threads: none may corrupt another's tokenizer."""
+    core, _, _ = parts
+    conv = await core.create_conversation("concurrent-user", "", {})
+    appends = [core.append_messages("concurrent-user", str(conv.id), [NewMessage(Role.USER, f"note {i}: " + "word " * i)])
+               for i in range(32)]
+    docs = [core.ingest_document("concurrent-user", f"doc {i}", "", "A paragraph of text. " * 200, 1, {}, 32, 4)
+            for i in range(3)]
+    results = await asyncio.gather(*appends, *docs)
+    assert all(m.embedded for batch in results[:32] for m in batch), "every message got its embedding"
+    assert all(d.chunk_count > 10 for d in results[32:])
+
+
+async def test_token_counting_during_encoding_does_not_corrupt_batches(parts):
+    """The encode thread pads and truncates with its tokenizer while other threads count tokens."""
+    import threading
+
+    _, _, embedder = parts
+    stop = threading.Event()
+
+    def count_forever():
+        while not stop.is_set():
+            embedder.count_tokens(["short", "a much longer sentence " * 30])
+
+    counter = threading.Thread(target=count_forever)
+    counter.start()
+    try:
+        for round_ in range(6):
+            texts = [f"round {round_} text {i} " + "filler " * (i * 7 % 60) for i in range(48)]
+            vectors = await embedder.embed(texts)
+            assert vectors.shape == (48, 384)
+    finally:
+        stop.set()
+        counter.join()
