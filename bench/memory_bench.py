@@ -160,8 +160,9 @@ async def bench_recall(store: MemoryStore, db: Database, vectors: np.ndarray, ow
         mask = owner_arr == user
         idx = np.nonzero(mask)[0]
         exact = idx[np.argsort(-(vectors[idx] @ qvecs[i]))[:10]]
-        exact_scores = set(np.round(vectors[exact] @ qvecs[i], 5))
-        got_scores = {round(s, 5) for _, s in hits}
+        # neighbours are compared by their similarity (float32 in both places, 4 decimals)
+        exact_scores = {round(float(x), 4) for x in vectors[exact] @ qvecs[i]}
+        got_scores = {round(s, 4) for _, s in hits}
         recalls.append(len(exact_scores & got_scores) / max(1, len(exact_scores)))
     async with db.engine.connect() as conn:
         await conn.execute(text(f"SET LOCAL hnsw.ef_search = {HNSW_EF_SEARCH}"))

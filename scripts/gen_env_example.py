@@ -30,7 +30,7 @@ def _show(value) -> str:
 
 def rows() -> list[tuple[str, str, str, str]]:
     """(section, env var, default, description) for every setting."""
-    defaults = Settings(_env_file=None, data_dir=Path("~/.local/share/parley"))
+    defaults = Settings(_env_file=None)
     out = []
     for name, field in Settings.model_fields.items():
         value = getattr(defaults, name)
@@ -39,7 +39,8 @@ def rows() -> list[tuple[str, str, str, str]]:
                 out.append((name, f"PARLEY_{name.upper()}__{sub.upper()}", _show(getattr(value, sub)),
                             subfield.description or ""))
         else:
-            out.append(("general", ALIASES.get(name, f"PARLEY_{name.upper()}"), _show(value), field.description or ""))
+            shown = "~/.local/share/parley" if name == "data_dir" else _show(value)  # not this machine's home
+            out.append(("general", ALIASES.get(name, f"PARLEY_{name.upper()}"), shown, field.description or ""))
     return out
 
 

@@ -42,6 +42,7 @@ class Embedder:
         # Hugging Face fast tokenizers are not safe to share between threads: the encode thread keeps the
         # model's own; token counting (event loop) and chunking (worker threads) get copies.
         self.tokenizer = copy.deepcopy(model.tokenizer)
+        self.tokenizer.model_max_length = 1 << 30  # it only counts and splits: long inputs are expected
         self.max_seq_length = int(model.max_seq_length)
         self._batch_size = batch_size
         self._max_wait = max_wait_ms / 1000
