@@ -162,3 +162,17 @@ def test_json_logs_carry_request_id(capsys):
     record = json.loads(line)
     assert record["event"] == "hello" and record["request_id"] == "rid-42" and record["answer"] == 42
     logging.getLogger().handlers.clear()
+
+
+def test_readme_documents_every_setting():
+    """README's configuration table is generated from the settings; it must not fall behind them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    table = subprocess.run([sys.executable, str(root / "scripts/gen_env_example.py"), "--markdown"],
+                           capture_output=True, text=True, check=True).stdout
+    readme = (root / "README.md").read_text()
+    missing = [line.split("`")[1] for line in table.splitlines()[2:] if line.split("`")[1] not in readme]
+    assert not missing, f"README lacks {missing}: paste `scripts/gen_env_example.py --markdown` into it"
