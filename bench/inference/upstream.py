@@ -69,8 +69,8 @@ class Upstream:
                     f"content-length: {len(payload)}\r\n\r\n".encode() + payload
                 )
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, asyncio.CancelledError):
+            pass  # the client went away, or the server is closing
         finally:
             writer.close()
 

@@ -47,7 +47,7 @@ class InferenceSettings(BaseModel):
     local_model_name: str = Field("smollm2-135m-instruct", description="Name the local model is listed under.")
     local_n_ctx: int = Field(4096, ge=256, description="Context window of the local model, in tokens.")
     local_n_threads: int = Field(
-        0, ge=0, description="CPU threads per llama.cpp instance; 0: all cores, shared among the instances."
+        0, ge=0, description="CPU threads per llama.cpp instance; 0: all cores but one, shared among the instances."
     )
     local_max_concurrency: int = Field(
         1, ge=1, description="Parallel generations on the local model (one llama.cpp instance each)."

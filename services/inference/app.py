@@ -75,7 +75,8 @@ async def build_core(settings: InferenceSettings, metrics: InferenceMetrics,
         if route.provider == "local":
             assert engine is not None
             provider: Provider = LocalProvider(engine, system_prompt=settings.local_system_prompt,
-                                               default_max_tokens=settings.default_max_tokens)
+                                               default_max_tokens=settings.default_max_tokens,
+                                               temperature=settings.local_temperature)
             backends[name] = Backend(route, provider, default_estimator, engine.n_ctx, unary_native=False)
             continue
         estimator = default_estimator

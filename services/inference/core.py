@@ -31,6 +31,7 @@ from services.inference.domain import (
     GenerateRequest,
     Message,
     ModelInfo,
+    Pricing,
     Response,
     TextDelta,
     Timing,
@@ -90,6 +91,11 @@ class InferenceCore:
         ready = [b for b in chain if not self.cooldowns.cooling(b.route.endpoint())]
         skipped = [b.route.name for b in chain if b not in ready]
         return (ready, skipped) if ready else (chain, [])  # all cooling: try anyway
+
+    def pricing(self, route: Route) -> Pricing | None:
+        """The route's price; the local model is free (a price of 0, not a missing price)."""
+        found = self.prices.price(route.name, route.provider_model)
+        return FREE if found is None and route.provider == "local" else found
 
     # -- calls --------------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> Response:
@@ -189,10 +195,7 @@ class InferenceCore:
         reported = finish.usage
         if reported is None or reported.prompt_tokens == 0 or (reported.completion_tokens == 0 and (text or calls)):
             reported = backend.estimator.usage(request.messages, request.tools, text, calls, reported)
-        pricing = self.prices.price(route.name, route.provider_model)
-        if pricing is None and route.provider == "local":
-            pricing = FREE
-        cost = compute_cost(pricing, reported)
+        cost = compute_cost(self.pricing(route), reported)
         usage = Usage(reported.prompt_tokens, reported.completion_tokens, reported.cached_prompt_tokens,
                       reported.estimated, cost)
         first = min(x for x in (first_at, finish.first_token_at, ended) if x is not None)
@@ -252,9 +255,7 @@ class InferenceCore:
         models = []
         for name, backend in self.backends.items():
             route = backend.route
-            pricing = self.prices.price(route.name, route.provider_model)
-            if pricing is None and route.provider == "local":
-                pricing = FREE
+            pricing = self.pricing(route)
             models.append(ModelInfo(
                 name=name, provider=route.provider, provider_model=route.provider_model,
                 context_window=backend.context_window or 0, reachable=self._reachable.get(name, (False, 0.0))[0],

@@ -36,8 +36,8 @@ class Route(BaseModel):
     base_url: str | None = Field(None, description="API base URL (OpenAI-compatible: up to /v1).")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
     timeout_s: float | None = Field(None, gt=0, description="Per-attempt timeout; default provider_timeout_s.")
-    connect_timeout_s: float | None = Field(None, gt=0)
-    max_retries: int | None = Field(None, ge=0, le=10)
+    connect_timeout_s: float | None = Field(None, gt=0, description="Connect timeout; default connect_timeout_s.")
+    max_retries: int | None = Field(None, ge=0, le=10, description="Retries; default max_retries.")
     fallbacks: tuple[str, ...] = Field((), description="Routes tried in order when this one fails.")
     context_window: int | None = Field(None, gt=0, description="Tokens; default from the price table.")
     max_output_tokens: int | None = Field(None, gt=0, description="Largest max_tokens the model accepts.")
@@ -46,7 +46,10 @@ class Route(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers.")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="Extra JSON fields sent (OpenAI/vLLM).")
     stream_usage: bool = Field(True, description="Ask OpenAI-compatible servers for usage on streams.")
-    native_tools: bool = Field(True, description="The provider takes tool definitions natively.")
+    native_tools: bool = Field(
+        True, description="Reported by ListModels: the model picks tools well by itself (false: callers such as "
+        "the chat service choose the tool and force it)."
+    )
     guided_decoding: Literal["structured_outputs", "guided_json"] = Field(
         "structured_outputs", description="vLLM's request field for JSON-schema decoding (guided_json before 0.10.2)."
     )

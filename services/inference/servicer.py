@@ -24,7 +24,8 @@ from services.inference.domain import (
     ToolDef,
 )
 
-ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT, pb.ROLE_TOOL: Role.TOOL}
+ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT,
+         pb.ROLE_TOOL: Role.TOOL}
 CHOICES = {pb.TOOL_CHOICE_UNSPECIFIED: None, pb.TOOL_CHOICE_AUTO: ToolChoice.AUTO,
            pb.TOOL_CHOICE_NONE: ToolChoice.NONE, pb.TOOL_CHOICE_REQUIRED: ToolChoice.REQUIRED}
 FINISH = {FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -113,7 +114,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         return response_pb(await self.core.generate(request_of(request)))
 
-    async def StreamGenerate(self, request: pb.StreamGenerateRequest, context) -> AsyncIterator[pb.StreamGenerateResponse]:
+    async def StreamGenerate(self, request: pb.StreamGenerateRequest,
+                             context) -> AsyncIterator[pb.StreamGenerateResponse]:
         async for event in self.core.stream(request_of(request)):
             if isinstance(event, TextDelta):
                 yield pb.StreamGenerateResponse(delta=pb.TextDelta(text=event.text))

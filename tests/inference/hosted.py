@@ -40,11 +40,12 @@ def sse(events: list[tuple[str | None, dict]]) -> httpx2.Response:
     return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=text.encode())
 
 
-async def core_with(route: dict, recorder: Recorder, **overrides) -> InferenceCore:
+async def core_with(route: dict, recorder: Recorder, metrics: Metrics | None = None, **overrides) -> InferenceCore:
     """A core with one hosted route (no local model) whose SDK talks to `recorder`."""
     config = InferenceSettings(local_enabled=False, default_model=route["name"], routes=[route],
                                retry_initial_backoff_s=0.001, retry_max_backoff_s=0.01, **overrides)
-    core, _ = await build_core(config, InferenceMetrics(Metrics()), transports={route["name"]: recorder.transport()})
+    core, _ = await build_core(config, InferenceMetrics(metrics or Metrics()),
+                               transports={route["name"]: recorder.transport()})
     return core
 
 

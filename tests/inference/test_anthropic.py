@@ -180,3 +180,49 @@ async def test_count_tokens_uses_the_counting_endpoint():
     assert (counted.prompt_tokens, counted.estimated, counted.context_window) == (14, False, 200_000)
     assert recorder.requests[0].url.path == "/v1/messages/count_tokens"
     assert recorder.bodies[0]["tools"][0]["name"] == "get_weather"
+
+
+async def test_an_error_event_mid_stream_ends_the_stream_with_unavailable():
+    events = [
+        start({"input_tokens": 10, "output_tokens": 1}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "Once upon"}}),
+        ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    ]
+    recorder = Recorder(lambda r: sse(events))
+    core = await core_with({**ROUTE, "max_retries": 0}, recorder)
+    seen = []
+    with pytest.raises(Unavailable, match="claude failed during the answer: .*Overloaded") as info:
+        async for event in core.stream(ask("claude")):
+            seen.append(event)
+    assert [e.text for e in seen] == ["Once upon"]  # what was sent stays sent; no silent fallback after it
+    assert info.value.reason == "PROVIDER_FAILED_MID_STREAM"
+
+
+async def test_metrics_count_tokens_cost_latency_and_errors():
+    from parley.runtime.metrics import Metrics
+
+    answers = iter([
+        httpx2.Response(529, json={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        sse([start({"input_tokens": 25, "output_tokens": 1}),
+             ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                      "delta": {"type": "text_delta", "text": "Hi"}}),
+             ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                "usage": {"output_tokens": 15}}),
+             ("message_stop", {"type": "message_stop"})]),
+    ])
+    metrics = Metrics()
+    core = await core_with({**ROUTE, "max_retries": 0, "fallbacks": []}, Recorder(lambda r: next(answers)), metrics)
+    with pytest.raises(Unavailable):
+        await core.generate(ask("claude"))
+    await streamed(core, ask("claude"))
+    sample = metrics.registry.get_sample_value
+    labels = {"model": "claude", "provider": "anthropic"}
+    assert sample("parley_inference_tokens_total", {**labels, "kind": "prompt"}) == 25
+    assert sample("parley_inference_tokens_total", {**labels, "kind": "completion"}) == 15
+    assert sample("parley_inference_cost_usd_total", labels) == pytest.approx((25 * 3 + 15 * 15) / 1e6)
+    assert sample("parley_inference_provider_errors_total", {**labels, "kind": "server"}) == 1
+    assert sample("parley_inference_time_to_first_token_seconds_count", labels) == 1
+    assert sample("parley_inference_calls_total", {**labels, "priced": "true", "estimated": "false"}) == 1

@@ -110,9 +110,61 @@ async def test_response_schema_constrains_the_answer(stub):
     jsonschema.validate(json.loads(r.message.content), schema)
 
 
+async def test_auto_tool_choice_answers_or_calls_with_valid_arguments(stub):
+    tool = weather_tool()
+    r = await stub.Generate(pb.GenerateRequest(messages=[user("What is the weather in Rome? Use the tool.")],
+                                               tools=[tool], tool_choice=pb.TOOL_CHOICE_AUTO,
+                                               sampling=pb.SamplingParams(max_tokens=48, temperature=0)))
+    if r.message.tool_calls:  # the model chose to call: the arguments were written under the grammar
+        (call,) = r.message.tool_calls
+        jsonschema.validate(json.loads(call.arguments_json), json_format.MessageToDict(tool.parameters))
+        assert r.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    else:
+        assert r.message.content and "<tool_call>" not in r.message.content
+
+
+async def test_a_cancelled_stream_frees_the_model(stub):
+    call = stub.StreamGenerate(pb.StreamGenerateRequest(messages=[user("Tell a very long story.")],
+                                                        sampling=pb.SamplingParams(max_tokens=400)))
+    async for event in call:
+        if event.WhichOneof("event") == "delta":
+            break
+    call.cancel()
+    # The worker thread stops at its next token and gives the model back: the next call is served at once.
+    r = await stub.Generate(pb.GenerateRequest(messages=CAPITAL, sampling=pb.SamplingParams(max_tokens=4)),
+                            timeout=60)
+    assert r.usage.completion_tokens <= 4
+
+
 async def test_list_models_shows_the_local_model_priced_at_zero(stub):
     r = await stub.ListModels(pb.ListModelsRequest())
     (model,) = [m for m in r.models if m.name == LOCAL]
     assert model.provider == "local" and model.is_default and model.reachable
     assert model.context_window == TEST_N_CTX and model.HasField("pricing")
     assert model.pricing.input_per_mtok == 0 and model.pricing.output_per_mtok == 0
+
+
+async def test_the_waiting_line_is_bounded():
+    import asyncio
+
+    import grpc
+    import pytest
+
+    from parley.runtime.errors import ResourceExhausted
+    from services.inference.providers.llama_engine import LlamaEngine, Outcome, Params
+    from tests.inference.conftest import GGUF
+
+    engine = await asyncio.to_thread(LlamaEngine, str(GGUF), 512, 1, 1, 0)
+    try:
+        tokens = engine.tokenizer.tokenize("<|im_start|>user\nCount to one hundred.<|im_end|>\n<|im_start|>assistant\n")
+        first = engine.generate(tokens, Params(max_tokens=64), Outcome())
+        await anext(first)  # holds the only instance
+        with pytest.raises(ResourceExhausted, match="the local model is busy") as info:
+            await anext(engine.generate(tokens, Params(max_tokens=4), Outcome()))
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_s
+        await first.aclose()
+        outcome = Outcome()
+        assert [p async for p in engine.generate(tokens, Params(max_tokens=3, temperature=0), outcome)]
+        assert outcome.completion_tokens == 3
+    finally:
+        await asyncio.to_thread(engine.close)

@@ -121,3 +121,72 @@ def test_stop_sequences_across_token_boundaries():
     assert scanner.feed("E") == ("", False)
     assert scanner.feed("gg") == ("Egg", False)
     assert scanner.flush() == ""
+
+
+async def test_coalesce_merges_bursts_keeps_order_and_errors():
+    import asyncio
+
+    from services.inference.core import coalesce
+    from services.inference.domain import TextDelta
+
+    async def burst():
+        for text in ("a", "b", "c"):
+            yield TextDelta(text)
+        yield "end"
+
+    assert [e if isinstance(e, str) else e.text for e in [x async for x in coalesce(burst())]] == ["abc", "end"]
+
+    async def slow():
+        for text in ("a", "b"):
+            await asyncio.sleep(0.01)
+            yield TextDelta(text)
+
+    assert [e.text async for e in coalesce(slow())] == ["a", "b"]  # token by token when they come apart
+
+    async def failing():
+        yield TextDelta("a")
+        raise ValueError("boom")
+
+    seen = []
+    with pytest.raises(ValueError, match="boom"):
+        async for e in coalesce(failing()):
+            seen.append(e.text)
+    assert seen == ["a"]
+
+    closed = asyncio.Event()
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(0.001)
+                yield TextDelta("x")
+        finally:
+            closed.set()
+
+    stream = coalesce(endless())
+    await anext(stream)
+    await stream.aclose()
+    assert closed.is_set()  # a caller that goes away stops the source
+
+
+def test_closed_schemas_accept_only_what_the_original_accepts():
+    import jsonschema
+
+    from services.inference.providers.toolcalls import closed
+
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+        "c": {"type": "array", "items": {"type": "object", "properties": {"d": {"type": "integer"}}}},
+        "e": {"type": "object", "additionalProperties": {"type": "integer"}},  # a map: left open
+    }, "required": ["a"]}
+    tight = closed(schema)
+    assert tight["additionalProperties"] is False
+    assert tight["properties"]["a"]["additionalProperties"] is False
+    assert tight["properties"]["c"]["items"]["additionalProperties"] is False
+    assert tight["properties"]["e"]["additionalProperties"] == {"type": "integer"}
+    ok = {"a": {"b": "x"}, "c": [{"d": 1}], "e": {"k": 1}}
+    jsonschema.validate(ok, tight)
+    jsonschema.validate(ok, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"a": {"b": "x", "extra": 1}}, tight)
+    assert "additionalProperties" not in schema  # the caller's schema is not modified

@@ -83,7 +83,8 @@ def to_anthropic(messages: list[Message]) -> tuple[str, list[dict[str, Any]]]:
         elif m.content:
             blocks.append({"type": "text", "text": m.content})
         for call in m.tool_calls:
-            blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments_json)})
+            blocks.append({"type": "tool_use", "id": call.id, "name": call.name,
+                           "input": json.loads(call.arguments_json)})
         role = "assistant" if m.role is Role.ASSISTANT else "user"
         if out and out[-1]["role"] == role:
             out[-1]["content"].extend(blocks)

@@ -30,7 +30,7 @@ _END = object()
 @dataclass(slots=True)
 class Params:
     max_tokens: int
-    temperature: float = 0.2  # llama-cpp-python's chat-completion defaults
+    temperature: float = 0.0
     top_p: float = 0.95
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -94,14 +94,23 @@ class _StopScanner:
         return out
 
 
+def default_threads(instances: int) -> int:
+    """Threads per instance when not configured: every core but one, shared among the instances.
+
+    The spare core is for this process's event loop (which streams every token) and its neighbours:
+    llama.cpp's OpenMP threads spin-wait between steps, so a team as large as the machine stalls
+    whenever one of its threads is descheduled (measured in docs/inference.md).
+    """
+    return max(1, ((os.cpu_count() or 1) - 1) // instances)
+
+
 class LlamaEngine:
     """`size` llama.cpp instances of one GGUF, and its tokenizer."""
 
     def __init__(self, path: str, n_ctx: int, n_threads: int, size: int, max_waiting: int) -> None:
         from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        threads = n_threads or max(1, (os.cpu_count() or 1) // size)
+        threads = n_threads or default_threads(size)
         self.path, self.n_ctx, self._max_waiting = path, n_ctx, max_waiting
         self._llamas = [
             Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)

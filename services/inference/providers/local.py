@@ -33,6 +33,7 @@ from services.inference.providers.toolcalls import (
     CALL_OPEN,
     as_plain_messages,
     call_schema,
+    closed,
     parse_call,
     with_tools_prompt,
 )
@@ -45,10 +46,12 @@ class LocalProvider(Provider):
     kind = "local"
     native_tools = False
 
-    def __init__(self, engine: LlamaEngine, *, system_prompt: str, default_max_tokens: int) -> None:
+    def __init__(self, engine: LlamaEngine, *, system_prompt: str, default_max_tokens: int,
+                 temperature: float = 0.0) -> None:
         self.engine = engine
         self._system_prompt = system_prompt
         self._default_max_tokens = default_max_tokens
+        self._temperature = temperature
 
     # -- prompt ------------------------------------------------------------------------------------
     def _chat(self, messages: list[Message], tools: list[ToolDef], choice: ToolChoice, forced: str) -> list[dict]:
@@ -101,7 +104,7 @@ class LocalProvider(Provider):
         max_tokens = self._budget(request, len(tokens))
         s = request.sampling
         params = Params(max_tokens=max_tokens, stop=s.stop, seed=s.seed,
-                        temperature=0.2 if s.temperature is None else s.temperature,
+                        temperature=self._temperature if s.temperature is None else s.temperature,
                         top_p=0.95 if s.top_p is None else s.top_p)
         usage = ProviderUsage(prompt_tokens=len(tokens))
 
@@ -111,7 +114,7 @@ class LocalProvider(Provider):
             return
 
         if request.response_schema is not None:
-            params.grammar = grammar_for(request.response_schema, "response_schema")
+            params.grammar = grammar_for(closed(request.response_schema), "response_schema")
             params.stop = ()
         outcome = Outcome()
         pieces = self.engine.generate(tokens, params, outcome)
@@ -145,8 +148,9 @@ class LocalProvider(Provider):
         prompt = tokens + prefix
         room = self.engine.n_ctx - len(prompt)
         budget = min(max(params.max_tokens, TOOL_CALL_MIN_TOKENS), room)
+        grammar = grammar_for(call_schema(request.tools, request.forced_tool), "tools")
         constrained = Params(max_tokens=budget, temperature=params.temperature, top_p=params.top_p,
-                             seed=params.seed, grammar=grammar_for(call_schema(request.tools, request.forced_tool), "tools"))
+                             seed=params.seed, grammar=grammar)
         outcome = Outcome()
         text = "".join([piece async for piece in self.engine.generate(prompt, constrained, outcome)])
         first_token_at = first_token_at or outcome.first_token_at

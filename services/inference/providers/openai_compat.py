@@ -26,7 +26,6 @@ from services.inference.domain import (
     TokenCount,
     ToolCall,
     ToolCallEvent,
-    ToolChoice,
     ToolDef,
     new_call_id,
 )
@@ -215,9 +214,9 @@ class OpenAIProvider(Provider):
         choice = choices[0]
         message = choice.get("message") or {}
         calls = [
-            ToolCall(c.get("id") or new_call_id(), c["function"].get("name") or "", c["function"].get("arguments") or "{}")
+            ToolCall(c.get("id") or new_call_id(), fn.get("name") or "", fn.get("arguments") or "{}")
             for c in message.get("tool_calls") or []
-            if c.get("function")
+            if (fn := c.get("function"))
         ]
         reason = FINISH.get(choice.get("finish_reason") or "", FinishReason.STOP)
         if calls and reason is not FinishReason.LENGTH:

@@ -13,12 +13,33 @@ from services.inference.domain import Message, Role, ToolCall, ToolDef, new_call
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
+def closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object schema that lists its properties and
+    says nothing about others. Everything valid against the result is valid against `schema`; for
+    constrained decoding it keeps a small model from inventing properties without end."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed(value) if key in _SUBSCHEMAS else value for key, value in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {name: closed(sub) for name, sub in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    for defs in ("$defs", "definitions"):
+        if isinstance(schema.get(defs), dict):
+            out[defs] = {name: closed(sub) for name, sub in schema[defs].items()}
+    return out
+
+
+_SUBSCHEMAS = frozenset({"items", "anyOf", "oneOf", "allOf", "not", "prefixItems", "additionalProperties"})
+
+
 def call_schema(tools: list[ToolDef], only: str = "") -> dict[str, Any]:
-    """JSON schema of one call of any of `tools` (or of the tool named `only`)."""
+    """JSON schema of one call of any of `tools` (or of the tool named `only`), closed (see `closed`)."""
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
+            "properties": {"name": {"const": tool.name}, "arguments": closed(tool.parameters)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }

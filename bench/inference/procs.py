@@ -1,0 +1,146 @@
+"""Processes of the inference benchmarks: the instant upstream, Parley's inference service (through
+its real entry point, `parley serve inference`), LiteLLM's proxy; and waiting until each is ready."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from parley.inference.v1 import inference_pb2, inference_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+LITELLM_VENV = Path(__file__).resolve().parent / ".venv-litellm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str | None] | None = None, log: str | None = None):
+    """A child process, stopped (SIGTERM, then SIGKILL) on exit; its output goes to `log` or nowhere.
+    `env` adds variables to ours (None: remove one)."""
+    merged = {**os.environ, **(env or {})}
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, cwd=ROOT, env={k: v for k, v in merged.items() if v is not None},
+                            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log:
+            out.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} before answering {url}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout} s")
+        time.sleep(0.2)
+
+
+def wait_grpc(address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        while True:
+            try:
+                stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+                return
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"parley exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"parley at {address} did not answer within {timeout} s")
+            time.sleep(0.2)
+
+
+def upstream(port: int, tokens: int):
+    return process([sys.executable, "-m", "bench.inference.upstream", "--port", str(port), "--tokens", str(tokens)])
+
+
+def parley(port: int, routes: list[dict] | None, *, local: bool, log_level: str = "INFO", log: str | None = None,
+           extra_env: dict[str, str] | None = None):
+    """`parley serve inference` configured through the environment, as in production."""
+    env = {**(extra_env or {}),
+        "PARLEY_INFERENCE_PORT": str(port),
+        "PARLEY_METRICS_PORT": "0",
+        "PARLEY_LOG_LEVEL": log_level,
+        "PARLEY_INFERENCE__LOCAL_ENABLED": str(local).lower(),
+        "PARLEY_INFERENCE__ROUTES": json.dumps(routes or []),
+    }
+    if routes:
+        env["PARLEY_INFERENCE__DEFAULT_MODEL"] = routes[0]["name"]
+    return process([sys.executable, "-m", "parley.cli", "serve", "inference"], env, log)
+
+
+def litellm_available() -> str | None:
+    """Why LiteLLM cannot run, or None when its venv is there."""
+    binary = LITELLM_VENV / "bin" / "litellm"
+    if not binary.exists():
+        return (f"{binary} is missing: create it with `python -m venv {LITELLM_VENV}` and "
+                f"`{LITELLM_VENV}/bin/pip install 'litellm[proxy]'` (1.106.2 measured)")
+    return None
+
+
+def litellm(port: int, upstream_base: str, config_path: Path, log: str | None = None):
+    """LiteLLM's proxy (one worker, as Parley runs one process) with one model routed to the upstream; no
+    database, no network calls."""
+    config_path.write_text(
+        "model_list:\n"
+        "  - model_name: instant\n"
+        "    litellm_params:\n"
+        "      model: openai/instant\n"
+        f"      api_base: {upstream_base}\n"
+        "      api_key: none\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    # No master key: Parley's gRPC port does no authentication either, so neither path pays for it.
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "DATABASE_URL": None,
+           "STORE_MODEL_IN_DB": "False", "NO_DOCS": "True", "LITELLM_MASTER_KEY": None,
+           "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+    argv = [str(LITELLM_VENV / "bin" / "litellm"), "--config", str(config_path), "--host", "127.0.0.1",
+            "--port", str(port), "--num_workers", "1"]
+    return process(argv, env, log)

@@ -1,0 +1,187 @@
+"""Proxy overhead of Parley's inference service vs LiteLLM's proxy, side by side in one run.
+
+One instant OpenAI-compatible upstream (`bench.inference.upstream`, its own process) answers every
+path the same streamed completion. A client process streams chat completions:
+  (a) directly from the upstream (the baseline; the `openai` SDK),
+  (b) through Parley's inference service over gRPC (`parley serve inference`, its own process),
+  (c) through LiteLLM's proxy (`litellm[proxy]`, its own process and venv: bench/inference/.venv-litellm),
+at 1, 16 and 64 concurrent streams. Added latency = a path's percentile minus the direct path's.
+
+    .venv/bin/python -m bench.inference.proxy_overhead [--seconds 8] [--tokens 8] [--log-level INFO]
+
+LiteLLM runs from its own venv (never Parley's dependencies); create it first:
+    python3.11 -m venv bench/inference/.venv-litellm
+    bench/inference/.venv-litellm/bin/pip install 'litellm[proxy]'   # 1.106.2 measured (1.109.1 needs a newer certifi)
+Not a test: it prints figures (docs/inference.md records a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import httpx2
+import openai
+
+from bench.common import pct, table
+from bench.inference import procs
+from parley.inference.v1 import inference_pb2 as pb
+from parley.inference.v1 import inference_pb2_grpc
+
+MESSAGES = [{"role": "user", "content": "Say something."}]
+LEVELS = (1, 16, 64)
+
+
+def openai_path(base_url: str) -> Callable[[], Awaitable[None]]:
+    """A streamed chat completion with the `openai` SDK. Its generic `post` keeps chunks as plain dicts:
+    the leanest client the SDK offers, so the baseline is fast and the added latencies are conservative."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, http_client=httpx2.AsyncClient(
+        limits=httpx2.Limits(max_connections=512, max_keepalive_connections=512), timeout=30))
+    body = {"model": "instant", "messages": MESSAGES, "max_tokens": 16, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+    async def one() -> None:
+        stream = await client.post("/chat/completions", body=body, cast_to=object, stream=True,
+                                   stream_cls=openai.AsyncStream[object])
+        last = None
+        async for chunk in stream:
+            last = chunk
+        assert last is not None and last.get("usage"), last
+
+    return one
+
+
+def parley_path(address: str) -> Callable[[], Awaitable[None]]:
+    channel = grpc.aio.insecure_channel(address)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    request = pb.StreamGenerateRequest(model="instant", sampling=pb.SamplingParams(max_tokens=16),
+                                       messages=[pb.Message(role=pb.ROLE_USER, content="Say something.")])
+
+    async def one() -> None:
+        final = None
+        async for event in stub.StreamGenerate(request, timeout=30):
+            final = event
+        assert final is not None and final.WhichOneof("event") == "final"
+
+    return one
+
+
+ERRORS: dict[str, int] = {}
+
+
+async def load(one: Callable[[], Awaitable[None]], concurrency: int, seconds: float,
+               label: str = "") -> tuple[list[float], float]:
+    """Latencies (ms) of complete streams with `concurrency` streams always open, and requests/s.
+    Failed requests are counted in ERRORS[label], not timed."""
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                await one()
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                ERRORS[label] = ERRORS.get(label, 0) + 1
+                if ERRORS[label] == 1:
+                    print(f"first error on {label}: {type(exc).__name__}: {exc}")
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, len(latencies) / (time.perf_counter() - started)
+
+
+async def run(targets: dict[str, tuple[str, str]], pids: dict[str, int], seconds: float) -> dict:
+    """`targets`: path name -> (kind, address); clients are made here, on the benchmark's loop.
+    `pids`: the proxy process of a path, whose CPU time per request is measured too."""
+    paths = {name: openai_path(address) if kind == "openai" else parley_path(address)
+             for name, (kind, address) in targets.items()}
+    for one in paths.values():  # warm connections, caches and JITs
+        await load(one, 8, 1.0)
+    results: dict[tuple[str, int], tuple[list[float], float]] = {}
+    for concurrency in LEVELS:
+        for name, one in paths.items():  # interleaved: every path sees the same machine state
+            cpu = procs.cpu_seconds(pids[name]) if name in pids else 0.0
+            latencies, rps = await load(one, concurrency, seconds, f"{name}@{concurrency}")
+            cpu_ms = (procs.cpu_seconds(pids[name]) - cpu) * 1000 / len(latencies) if name in pids else 0.0
+            results[(name, concurrency)] = (latencies, rps, cpu_ms)
+    return results
+
+
+def report(results: dict, names: list[str]) -> None:
+    rows = []
+    for concurrency in LEVELS:
+        base = results[("direct", concurrency)][0]
+        b50, b99 = pct(base, 50), pct(base, 99)
+        for name in names:
+            lat, rps, cpu_ms = results[(name, concurrency)]
+            p50, p99 = pct(lat, 50), pct(lat, 99)
+            added = "(baseline)" if name == "direct" else f"{p50 - b50:+.2f} / {p99 - b99:+.2f}"
+            cpu = "-" if name == "direct" else f"{cpu_ms:.2f}"
+            rows.append((str(concurrency), name, f"{p50:.2f}", f"{p99:.2f}", added, cpu, f"{rps:.0f}", str(len(lat))))
+    print(table(rows, ("streams", "path", "p50 ms", "p99 ms", "added p50 / p99 ms", "proxy CPU ms/req", "req/s",
+                       "n")))
+    print()
+    print("max requests/s: " + ", ".join(
+        f"{name} {max(results[(name, c)][1] for c in LEVELS):.0f}" for name in names))
+    print("proxy CPU ms/req: CPU time the proxy process spent per request (robust to other load on the machine)")
+    print(f"failed requests: {ERRORS or 'none'}")
+    if "litellm" in names:
+        for concurrency in LEVELS:
+            base = results[("direct", concurrency)][0]
+            cpu_ratio = results[("litellm", concurrency)][2] / max(results[("parley", concurrency)][2], 1e-9)
+            ratios = [f"CPU/request {cpu_ratio:.1f}x"]
+            for q in (50, 99):
+                parley_added = pct(results[("parley", concurrency)][0], q) - pct(base, q)
+                litellm_added = pct(results[("litellm", concurrency)][0], q) - pct(base, q)
+                ratio = litellm_added / parley_added if parley_added > 0 else float("inf")
+                ratios.append(f"p{q}: LiteLLM adds {litellm_added:.2f} ms, Parley {parley_added:.2f} ms ({ratio:.1f}x)")
+            print(f"{concurrency:>2} streams  " + "; ".join(ratios))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Proxy overhead: direct vs Parley vs LiteLLM")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each (path, concurrency) run")
+    parser.add_argument("--tokens", type=int, default=8, help="text chunks the upstream streams")
+    parser.add_argument("--log-level", default="INFO", help="Parley's log level (INFO: one line per RPC, the default)")
+    parser.add_argument("--no-litellm", action="store_true")
+    args = parser.parse_args()
+
+    up_port, parley_port, litellm_port = procs.free_port(), procs.free_port(), procs.free_port()
+    upstream_base = f"http://127.0.0.1:{up_port}/v1"
+    routes = [{"name": "instant", "provider": "openai", "base_url": upstream_base, "max_retries": 0}]
+    why_not = "--no-litellm" if args.no_litellm else procs.litellm_available()
+    logs = Path(tempfile.mkdtemp(prefix="parley-bench-"))
+    with ExitStack() as stack:
+        up = stack.enter_context(procs.upstream(up_port, args.tokens))
+        procs.wait_http(f"{upstream_base}/models", up)
+        server = stack.enter_context(procs.parley(parley_port, routes, local=False, log_level=args.log_level,
+                                                  log=str(logs / "parley.log")))
+        procs.wait_grpc(f"127.0.0.1:{parley_port}", server)
+        paths = {"direct": ("openai", upstream_base), "parley": ("grpc", f"127.0.0.1:{parley_port}")}
+        pids = {"parley": server.pid}
+        if why_not is None:
+            proxy = stack.enter_context(procs.litellm(litellm_port, upstream_base, logs / "litellm.yaml",
+                                                      log=str(logs / "litellm.log")))
+            procs.wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", proxy, timeout=180)
+            paths["litellm"] = ("openai", f"http://127.0.0.1:{litellm_port}/v1")
+            pids["litellm"] = proxy.pid
+        print(f"machine: {os.cpu_count()} cores; upstream streams {args.tokens} chunks + usage; "
+              f"{args.seconds:g} s per run; Parley log level {args.log_level}; logs in {logs}")
+        if why_not is not None:
+            print(f"LiteLLM not measured: {why_not}")
+        results = asyncio.run(run(paths, pids, args.seconds))
+        report(results, list(paths))
+
+
+if __name__ == "__main__":
+    main()
