@@ -115,6 +115,10 @@ class MemorySettings(BaseModel):
 
     max_message_chars: int = Field(32768, ge=1, description="Longest message content accepted.")
     max_document_chars: int = Field(2_000_000, ge=1, description="Longest document accepted.")
+    exact_recall_max_messages: int = Field(
+        20_000, ge=0, description="Users with up to this many messages get exact recall (a scan of their rows); "
+        "above it the HNSW index answers (approximate)."
+    )
 
 
 class ToolsSettings(BaseModel):

@@ -62,8 +62,11 @@ _DOCUMENT_COLUMNS = "id, user_id, title, source, visibility, chunk_count, metada
 
 
 class MemoryStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, exact_recall_max_messages: int = 20_000) -> None:
         self.engine = engine
+        # Up to this many messages a user's recall is an exact scan of their rows (exact and fast: the
+        # B-tree narrows to them); beyond it, the HNSW index with iterative scans answers.
+        self.exact_recall_max_messages = exact_recall_max_messages
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -271,13 +274,27 @@ class MemoryStore:
                 "ORDER BY seq DESC LIMIT :xn)"
             )
             params.update(xcid=q.exclude_recent_conversation, xn=q.exclude_recent_count)
-        sql = text(
+        approximate = text(
             f"SELECT {_MESSAGE_COLUMNS}, 1 - (embedding <=> CAST(:q AS vector)) AS score "
             f"FROM messages WHERE {' AND '.join(where)} ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit"
         )
+        # MATERIALIZED keeps the planner from answering with the HNSW index: the user's rows come from the
+        # (user_id, created_at) B-tree and are ranked exactly.
+        exact = text(
+            f"WITH mine AS MATERIALIZED (SELECT {_MESSAGE_COLUMNS}, embedding FROM messages "
+            f"WHERE {' AND '.join(where)}) "
+            f"SELECT *, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM mine "
+            "ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit"
+        )
         async with self.engine.connect() as conn:
-            await _tune_vector_search(conn)
-            rows = (await conn.execute(sql, params)).all()
+            owned = (await conn.execute(
+                text("SELECT coalesce(sum(message_count), 0) FROM conversations WHERE user_id = :user_id"),
+                {"user_id": q.user_id})).scalar_one()
+            if owned <= self.exact_recall_max_messages:
+                rows = (await conn.execute(exact, params)).all()
+            else:
+                await _tune_vector_search(conn)
+                rows = (await conn.execute(approximate, params)).all()
             await conn.commit()
         # relaxed_order iterative scans may return neighbours slightly out of order: sort exactly here.
         hits = [(_message(r), float(r.score)) for r in rows if r.score >= q.min_score]

@@ -102,3 +102,22 @@ async def test_token_counting_during_encoding_does_not_corrupt_batches(parts):
     finally:
         stop.set()
         counter.join()
+
+
+async def test_recall_through_the_hnsw_path_matches_the_exact_path(parts):
+    """Above `exact_recall_max_messages` the HNSW index answers: same user scoping, same best hit here."""
+    core, store, embedder = parts
+    conv = await core.create_conversation("hnsw-user", "", {})
+    await core.append_messages("hnsw-user", str(conv.id), [
+        NewMessage(Role.USER, "The wifi password is written under the router."),
+        NewMessage(Role.USER, "I am allergic to peanuts."),
+        NewMessage(Role.USER, "My sister lives in Porto."),
+    ])
+    query = RecallQuery(user_id="hnsw-user", vector=(await embedder.embed(["what am I allergic to?"]))[0].tolist(),
+                        top_k=2, min_score=0.0, conversation_ids=[], roles=[Role.USER], start_time=None,
+                        end_time=None, exclude_ids=[], exclude_recent_conversation=None, exclude_recent_count=0)
+    exact = await store.recall(query)
+    approximate = await MemoryStore(store.engine, exact_recall_max_messages=0).recall(query)
+    assert [m.content for m, _ in exact][0] == "I am allergic to peanuts."
+    assert [m.id for m, _ in approximate] == [m.id for m, _ in exact]
+    assert all(m.user_id == "hnsw-user" for m, _ in approximate)
