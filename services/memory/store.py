@@ -281,10 +281,10 @@ class MemoryStore:
         # MATERIALIZED keeps the planner from answering with the HNSW index: the user's rows come from the
         # (user_id, created_at) B-tree and are ranked exactly.
         exact = text(
-            f"WITH mine AS MATERIALIZED (SELECT {_MESSAGE_COLUMNS}, embedding FROM messages "
-            f"WHERE {' AND '.join(where)}) "
-            f"SELECT *, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM mine "
-            "ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit"
+            f"WITH mine AS MATERIALIZED (SELECT id, embedding FROM messages WHERE {' AND '.join(where)}), "
+            "best AS (SELECT id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM mine "
+            "ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit) "
+            f"SELECT {_MESSAGE_COLUMNS}, best.score FROM best JOIN messages USING (id)"
         )
         async with self.engine.connect() as conn:
             owned = (await conn.execute(
