@@ -231,6 +231,11 @@ class ChatSettings(BaseModel):
     history_token_budget: int = Field(1536, ge=64, description="Tokens of recent history put into the context.")
     recall_top_k: int = Field(4, ge=0, description="Past-session messages recalled per turn (0 disables recall).")
     recall_min_score: float = Field(0.35, ge=0, le=1, description="Minimum similarity of a recalled message.")
+    document_top_k: int = Field(2, ge=0, description="Document chunks put into the context per turn (0 disables).")
+    document_min_score: float = Field(
+        0.03, ge=0, le=1, description="Minimum fused (RRF) score of a chunk to count as relevant; 0.03 needs a chunk "
+        "ranked near the top by both vector and full-text search."
+    )
     max_agent_steps: int = Field(4, ge=1, le=16, description="Model calls per turn at most (tool rounds + answer).")
     tools_cache_s: float = Field(30.0, ge=0, description="Seconds the tool list is cached.")
     router_threshold: float = Field(

@@ -267,17 +267,31 @@ class ChatCore:
             except ParleyError as exc:  # answer without recall, and say so
                 _log.warning("recall_failed", error=exc.message)
                 warnings.append("recall unavailable: answered without memories of past sessions")
+        documents: list[MemoryItem] = []
+        if self.settings.document_top_k and not req.options.disable_recall:
+            try:
+                chunks = await self.memory.search_documents(req.user_id, req.message, self.settings.document_top_k)
+                documents = [MemoryItem(source="document", content=c.content, score=c.score, origin_id=c.document_id,
+                                        role="", created_at=None)
+                             for c in chunks if c.score >= self.settings.document_min_score]
+            except ParleyError as exc:
+                _log.warning("document_search_failed", error=exc.message)
+                warnings.append("document search unavailable: answered without the knowledge base")
         system = self.settings.system_prompt
         if summary:
             system += f"\n\nSummary of the earlier conversation:\n{summary}"
         if memory:
             lines = "\n".join(f"- ({m.role}) {m.content}" for m in memory)
             system += f"\n\nFrom earlier conversations with this user:\n{lines}"
+        if documents:
+            passages = "\n".join(f"- {d.content}" for d in documents)
+            system += f"\n\nRelevant passages from the knowledge base:\n{passages}"
         window = [m for m in history if m.role in ("user", "assistant") and m.content]
         fingerprint = hashlib.sha256(json.dumps(
-            [self.settings.system_prompt, summary, [(m.role, m.content) for m in window[:-1]]]).encode()).hexdigest()
-        return AssembledContext([PromptMessage("system", system), *window], memory, warnings, fingerprint,
-                                len(history))
+            [self.settings.system_prompt, summary, [(m.role, m.content) for m in window[:-1]],
+             [d.content for d in documents]]).encode()).hexdigest()
+        return AssembledContext([PromptMessage("system", system), *window], memory + documents, warnings,
+                                fingerprint, len(history))
 
 
 def _role_name(role: int) -> str:

@@ -98,6 +98,11 @@ class MemoryPeer:
         )
         return list(r.results)
 
+    async def search_documents(self, user_id: str, query: str, top_k: int) -> list[mpb.DocumentChunk]:
+        r = await self.client.call("SearchDocuments", mpb.SearchDocumentsRequest(user_id=user_id, query=query,
+                                                                                top_k=top_k))
+        return list(r.chunks)
+
     async def list_sessions(self, user_id: str, page_size: int, page_token: str) -> mpb.ListConversationsResponse:
         return await self.client.call(
             "ListConversations",

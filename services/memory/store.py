@@ -361,7 +361,11 @@ class MemoryStore:
         return None if row is None else int(row.chunk_count)
 
     async def search_chunks(self, user_id: str, query: str, vector: list[float], top_k: int) -> list[Chunk]:
-        """Hybrid search: pgvector cosine ranking and full-text ranking fused by reciprocal rank fusion."""
+        """Hybrid search: pgvector cosine ranking and full-text ranking fused by reciprocal rank fusion.
+
+        The text side matches any of the query's words (OR), ranked by ts_rank_cd: a question rarely
+        contains only words the passage has, so AND semantics would leave it out of the text ranking.
+        """
         candidates = max(top_k * 4, 20)
         sql = text(
             f"""
@@ -374,7 +378,8 @@ class MemoryStore:
             ), fts AS (
                 SELECT id, row_number() OVER (ORDER BY text_rank DESC) AS rank FROM (
                     SELECT id, ts_rank_cd(tsv, query) AS text_rank
-                    FROM document_chunks, websearch_to_tsquery('english', :text) query
+                    FROM document_chunks,
+                         CAST(replace(CAST(plainto_tsquery('english', :text) AS text), '&', '|') AS tsquery) query
                     WHERE tsv @@ query AND (user_id = :user_id OR visibility = 2)
                     ORDER BY text_rank DESC LIMIT :n
                 ) t

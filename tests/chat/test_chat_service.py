@@ -126,3 +126,23 @@ async def test_bad_input_gets_clear_errors_and_stores_nothing(chat):
     # nothing was stored for this user by the rejected turns
     listed = await chat.ListSessions(pb.ListSessionsRequest(user_id=user))
     assert all(s.message_count == 0 or s.title != "hi" for s in listed.sessions)
+
+
+async def test_relevant_documents_join_the_context(chat, chat_app):
+    from parley.memory.v1 import memory_pb2 as mpb
+    from parley.memory.v1 import memory_pb2_grpc
+    from parley.runtime.clients import make_channel
+
+    user = uid()
+    channel = make_channel(chat_app.address)
+    memory = memory_pb2_grpc.MemoryServiceStub(channel)
+    await memory.IngestDocument(mpb.IngestDocumentRequest(
+        user_id=user, title="Expenses", source="policy.md",
+        content="Meal expenses are reimbursed up to 40 euros per day. Taxis need a receipt."))
+    await channel.close()
+    r = await chat.Chat(pb.ChatRequest(user_id=user, message="How much are meal expenses reimbursed per day?",
+                                       options=FAST))
+    docs = [m for m in r.memory if m.source == "document"]
+    assert docs and "40 euros" in docs[0].content
+    unrelated = await chat.Chat(pb.ChatRequest(user_id=user, message="Tell me a joke about cats.", options=FAST))
+    assert not [m for m in unrelated.memory if m.source == "document"], "irrelevant passages stay out"
