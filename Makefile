@@ -15,4 +15,7 @@ test: bootstrap
 	.venv/bin/python -m pytest -q
 
 bench: bootstrap
-	.venv/bin/python -m bench
+	.venv/bin/pip install --quiet --find-links "$${PARLEY_WHEELHOUSE:-$$HOME/.cache/parley/wheels}" -e '.[dev,bench]'
+	.venv/bin/python -m bench.memory_bench
+	.venv/bin/python -m bench.chat_bench
+	.venv/bin/python -m bench.inference.local_model
