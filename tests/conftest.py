@@ -53,8 +53,13 @@ def make_settings(data_dir: Path, database_url: str, redis_url: str) -> Callable
             log_json=False,
             log_level="WARNING",
             shutdown_grace_s=0.5,
+            # The guards give up on Redis after 0.25 s in production (fail fast, fail open). A loaded 2-core CI
+            # box can stall that long; tests about timeouts set their own value.
+            chat={"guard_redis_timeout_s": 2.0},
         )
-        base.update(overrides)
+        for key, value in overrides.items():  # nested sections merge, so a test overrides only what it names
+            base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) \
+                else value
         return Settings(_env_file=None, **base)
 
     return make
