@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from parley.inference.v1 import inference_pb2 as ipb
 from parley.runtime.config import ChatSettings
-from parley.runtime.errors import NotFound, ParleyError, Unavailable
+from parley.runtime.errors import FailedPrecondition, NotFound, ParleyError, Unavailable
 from parley.runtime.logging import get_logger
 from parley.runtime.protoconv import from_struct
 from parley.tools.v1 import tools_pb2 as tpb
@@ -190,11 +190,22 @@ class Agent:
                     request = self.inference.request(
                         state.model, state.messages, [], state.max_tokens, state.temperature)
             calls: list[ipb.ToolCall] = []
-            async for event in self._generate(request, state):
-                if isinstance(event, ipb.ToolCall):
-                    calls.append(event)
-                else:
+            try:
+                async for event in self._generate(request, state):
+                    if isinstance(event, ipb.ToolCall):
+                        calls.append(event)
+                    else:
+                        yield event
+            except FailedPrecondition as exc:
+                if request.tool_choice != ipb.TOOL_CHOICE_REQUIRED:
+                    raise
+                # The small model could not produce the routed call: answer without the tool, and say so.
+                _log.warning("routed_tool_call_failed", tool=request.forced_tool, error=exc.message)
+                warnings.append(f"could not call {request.forced_tool}: {exc.message}; answered without it")
+                async for event in self._generate(self.inference.request(
+                        state.model, state.messages, [], state.max_tokens, state.temperature), state):
                     yield event
+                return
             if not calls:
                 return
             state.text = ""  # words said before calling tools are not the answer

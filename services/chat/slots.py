@@ -8,7 +8,8 @@ tool's arguments, the schema is narrowed:
 - a required parameter the question does not settle stays open for the model (still an
   enum under the grammar);
 - optional parameters the question does not name are dropped (the tool's defaults apply),
-  as are conditional keywords the grammar cannot express.
+  as are conditional keywords the grammar cannot express;
+- free-form strings get a length bound, so the model cannot ramble past its token budget.
 The tools service still validates the arguments against the tool's full schema.
 """
 
@@ -54,6 +55,16 @@ def pin_enums(props: dict[str, Any], question: str) -> dict[str, Any]:
     return pinned
 
 
+SMALL_MODEL_MAX_STRING = 200  # a small model under a grammar can ramble in a free-form string until max_tokens
+
+
+def _bounded(prop: dict[str, Any]) -> dict[str, Any]:
+    prop = copy.deepcopy(prop)
+    if prop.get("type") == "string" and "enum" not in prop and "format" not in prop:
+        prop["maxLength"] = min(int(prop.get("maxLength", SMALL_MODEL_MAX_STRING)), SMALL_MODEL_MAX_STRING)
+    return prop
+
+
 def narrow_schema(schema: dict[str, Any], question: str) -> dict[str, Any]:
     props: dict[str, Any] = schema.get("properties") or {}
     required = list(schema.get("required") or [])
@@ -63,7 +74,7 @@ def narrow_schema(schema: dict[str, Any], question: str) -> dict[str, Any]:
         if name in pinned:
             narrowed[name] = {k: v for k, v in prop.items() if k != "enum"} | {"enum": [pinned[name]]}
         elif name in required:
-            narrowed[name] = copy.deepcopy(prop)
+            narrowed[name] = _bounded(prop)
     out = {k: copy.deepcopy(v) for k, v in schema.items() if k not in _CONDITIONAL and k != "properties"}
     out["properties"] = narrowed
     out["required"] = [n for n in narrowed if n in required or n in pinned]

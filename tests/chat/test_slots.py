@@ -32,3 +32,11 @@ def test_everything_the_narrowed_schema_allows_is_valid_for_the_tool():
     narrowed = narrow_schema(SCHEMA, "How many deals did we close last month, by region?")
     args = {name: prop["enum"][0] for name, prop in narrowed["properties"].items()}
     jsonschema.validate(args, SCHEMA)
+
+
+def test_free_form_strings_are_bounded_for_small_models():
+    schema = {"type": "object", "required": ["to", "body"],
+              "properties": {"to": {"type": "string"}, "body": {"type": "string", "maxLength": 5000}}}
+    narrowed = narrow_schema(schema, "send an email to bob")
+    assert narrowed["properties"]["to"]["maxLength"] == 200
+    assert narrowed["properties"]["body"]["maxLength"] == 200
