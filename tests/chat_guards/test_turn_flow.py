@@ -44,10 +44,11 @@ async def guarded_turn(g: ChatGuards, metadata, user_id: str, request_id: str, m
     return result
 
 
-async def test_guarded_turns(make_settings, database_url, redis_url, engine):
+async def test_guarded_turns(make_settings, database_url, private_redis, engine):
+    # A Redis of its own: this test is about the order of the guards, not about a shared server's hiccups.
     settings = make_settings(chat={"auth_mode": "api_key", "budget_daily_usd": 0.01})
     async with AsyncExitStack() as stack:
-        ctx = ServiceContext(settings, Metrics(), database_url, redis_url, {}, stack)
+        ctx = ServiceContext(settings, Metrics(), database_url, private_redis.url, {}, stack)
         g = await stack.enter_async_context(open_guards(ctx))
         user = new_user()
         md = [("authorization", f"Bearer {await create_api_key(engine, user)}")]
