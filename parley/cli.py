@@ -125,18 +125,10 @@ def cmd_seed_sales(args: argparse.Namespace) -> int:
 
 async def _with_engine(settings: Settings, action):
     """Run `action(engine)` against DATABASE_URL, or the embedded PostgreSQL of the data directory."""
-    from contextlib import AsyncExitStack
+    from parley.runtime.app import migrated_database
 
-    from parley.runtime.db import Database, migrate
-    from parley.runtime.embedded import embedded_postgres
-
-    async with AsyncExitStack() as stack:
-        url = settings.database_url or await stack.enter_async_context(
-            embedded_postgres(settings.data_dir / "postgres"))
-        await migrate(url)
-        db = Database(url)
-        stack.push_async_callback(db.close)
-        return await action(db.engine)
+    async with migrated_database(settings) as database:
+        return await action(database.engine)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -107,6 +107,19 @@ class RunningApp:
     server: GrpcServer
 
 
+@asynccontextmanager
+async def migrated_database(settings: Settings) -> AsyncIterator[Database]:
+    """For one-off commands: DATABASE_URL, or the embedded PostgreSQL of the data directory, migrated."""
+    async with AsyncExitStack() as stack:
+        url = settings.database_url or await stack.enter_async_context(
+            embedded_postgres(settings.data_dir / "postgres")
+        )
+        await migrate(url)
+        database = Database(url, pool_size=1)
+        stack.push_async_callback(database.close)
+        yield database
+
+
 def _builder(service: str) -> Callable[[ServiceContext], AbstractAsyncContextManager[ServiceBinding]]:
     return importlib.import_module(SERVICE_MODULES[service]).build
 

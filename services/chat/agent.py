@@ -217,7 +217,7 @@ class Agent:
                 state.pending = [PendingApproval(approval_id, c.name, c.arguments_json) for c in risky]
                 return
             async for event in self._execute(user_id, [(c.id, c.name, c.arguments_json) for c in calls], state,
-                                             native, approved=set()):
+                                             native):
                 yield event
 
     async def resume(self, state: AgentState, user_id: str, approved: bool, warnings: list[str]):
@@ -225,8 +225,7 @@ class Agent:
         calls, state.pending_calls, state.pending = state.pending_calls, [], []
         native = await self.catalog.native_tools(state.model)
         names = {name for _, name, _ in calls}
-        async for event in self._execute(user_id, calls, state, native, approved=names if approved else set(),
-                                         denied=set() if approved else names):
+        async for event in self._execute(user_id, calls, state, native, denied=set() if approved else names):
             yield event
         async for event in self.run(state, user_id, warnings):
             yield event
@@ -255,7 +254,7 @@ class Agent:
             state.context_size = u.prompt_tokens
 
     async def _execute(self, user_id: str, calls: list[tuple[str, str, str]], state: AgentState, native: bool,
-                       approved: set[str], denied: set[str] = frozenset()):
+                       denied: set[str] = frozenset()):
         for call_id, name, args in calls:
             yield ToolCalled(call_id, name, args)
         records = await asyncio.gather(*(self._run_tool(user_id, c, denied) for c in calls))

@@ -37,7 +37,7 @@ from services.chat.events import (
     Usage,
 )
 from services.chat.guards import ChatGuards, Principal, estimate_turn_tokens
-from services.chat.peers import MemoryPeer, PromptMessage
+from services.chat.peers import ROLE_NAMES, MemoryPeer, PromptMessage
 from services.chat.summary import Summarizer
 from services.chat.telemetry import TurnMetrics
 
@@ -259,7 +259,7 @@ class ChatCore:
                 memory = [
                     MemoryItem(
                         source="message", content=h.message.content, score=h.score,
-                        origin_id=h.message.conversation_id, role=_role_name(h.message.role),
+                        origin_id=h.message.conversation_id, role=ROLE_NAMES.get(h.message.role, "user"),
                         created_at=h.message.create_time.ToDatetime() if h.message.HasField("create_time") else None,
                     )
                     for h in hits
@@ -292,7 +292,3 @@ class ChatCore:
              [d.content for d in documents]]).encode()).hexdigest()
         return AssembledContext([PromptMessage("system", system), *window], memory + documents, warnings,
                                 fingerprint, len(history))
-
-
-def _role_name(role: int) -> str:
-    return {1: "system", 2: "user", 3: "assistant", 4: "tool"}.get(role, "user")

@@ -96,20 +96,23 @@ class MemoryStore:
     async def list_conversations(
         self, user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None
     ) -> list[Conversation]:
-        where = "user_id = :user_id"
+        rows = await self._newest_first("conversations", _CONVERSATION_COLUMNS, "user_id = :user_id", "updated_at",
+                                        user_id, limit, after)
+        return [_conversation(r) for r in rows]
+
+    async def _newest_first(self, table: str, columns: str, scope: str, time_column: str, user_id: str,
+                            limit: int, after: tuple[datetime, uuid.UUID] | None) -> list:
+        """One keyset page ordered by (time desc, id desc), starting after the given key."""
+        where = scope
         params: dict[str, Any] = {"user_id": user_id, "limit": limit}
         if after:
-            where += " AND (updated_at, id) < (:after_time, :after_id)"
+            where += f" AND ({time_column}, id) < (:after_time, :after_id)"
             params.update(after_time=after[0], after_id=after[1])
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE {where} "
-                    "ORDER BY updated_at DESC, id DESC LIMIT :limit"
-                ),
+            return list(await conn.execute(
+                text(f"SELECT {columns} FROM {table} WHERE {where} ORDER BY {time_column} DESC, id DESC LIMIT :limit"),
                 params,
-            )
-            return [_conversation(r) for r in rows]
+            ))
 
     async def update_conversation(
         self, user_id: str, conversation_id: uuid.UUID, changes: dict[str, Any]
@@ -335,20 +338,9 @@ class MemoryStore:
     async def list_documents(
         self, user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None
     ) -> list[Document]:
-        where = "(user_id = :user_id OR visibility = 2)"
-        params: dict[str, Any] = {"user_id": user_id, "limit": limit}
-        if after:
-            where += " AND (created_at, id) < (:after_time, :after_id)"
-            params.update(after_time=after[0], after_id=after[1])
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE {where} "
-                    "ORDER BY created_at DESC, id DESC LIMIT :limit"
-                ),
-                params,
-            )
-            return [_document(r) for r in rows]
+        rows = await self._newest_first("documents", _DOCUMENT_COLUMNS, "(user_id = :user_id OR visibility = 2)",
+                                        "created_at", user_id, limit, after)
+        return [_document(r) for r in rows]
 
     async def delete_document(self, user_id: str, document_id: uuid.UUID) -> int | None:
         async with self.engine.begin() as conn:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -358,14 +358,7 @@ async def seed_demo_data(
 async def seed_with_settings(settings: Settings, **options: Any) -> SeedResult:
     """`parley seed-sales`: migrate and seed the configured database (the embedded one if DATABASE_URL is
     unset; run it while `parley up` is stopped). `options` go to `seed_demo_data` (days, seed, replace, today)."""
-    from parley.runtime.db import Database, migrate
-    from parley.runtime.embedded import embedded_postgres
+    from parley.runtime.app import migrated_database
 
-    async with AsyncExitStack() as stack:
-        url = settings.database_url or await stack.enter_async_context(
-            embedded_postgres(settings.data_dir / "postgres")
-        )
-        await migrate(url)
-        database = Database(url, pool_size=1)
-        stack.push_async_callback(database.close)
+    async with migrated_database(settings) as database:
         return await seed_demo_data(database.engine, timezone=settings.tools.sales_timezone, **options)
