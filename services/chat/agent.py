@@ -208,6 +208,14 @@ class Agent:
                 return
             if not calls:
                 return
+            if native and last_step:
+                # The last step offers no tools, so the model must answer; a model that calls one anyway is
+                # not obeyed (the loop would otherwise run past max_agent_steps for as long as it insists).
+                names = ", ".join(sorted({c.name for c in calls}))
+                _log.warning("agent_max_steps", steps=state.step, tools=names)
+                warnings.append(f"stopped at max_agent_steps={self.settings.max_agent_steps}: the model still "
+                                f"called {names}; those calls did not run")
+                return
             state.text = ""  # words said before calling tools are not the answer
             state.transcript.append(PromptMessage("assistant", "", [(c.id, c.name, c.arguments_json) for c in calls]))
             risky = [c for c in calls if by_name.get(c.name) is not None and by_name[c.name].side_effects]
@@ -266,8 +274,10 @@ class Agent:
             if native:
                 state.messages.append(PromptMessage("tool", content, tool_call_id=record.call_id, name=record.name))
         if native:
+            # Arguments that are not a JSON object (the tool result says so) go back as {}: the inference
+            # service rejects a prompt whose tool calls do not parse, which would fail the whole turn.
             state.messages.insert(len(state.messages) - len(records),
-                                  PromptMessage("assistant", "", [(i, n, a) for i, n, a in calls]))
+                                  PromptMessage("assistant", "", [(i, n, _object_or_empty(a)) for i, n, a in calls]))
         else:
             # Small models read a plain instruction far better than tool-role messages.
             results = "\n".join(
@@ -303,3 +313,11 @@ class Agent:
             record.error = result.error
         record.duration_ms = (time.perf_counter() - started) * 1000
         return record
+
+
+def _object_or_empty(arguments_json: str) -> str:
+    """`arguments_json` if it encodes a JSON object, else "{}"."""
+    try:
+        return arguments_json if isinstance(json.loads(arguments_json or "{}"), dict) else "{}"
+    except ValueError:
+        return "{}"

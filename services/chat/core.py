@@ -186,16 +186,17 @@ class ChatCore:
         g = self.guards
         user_id, session_id = req.user_id, session.conversation_id
         answer = state.text.strip()
-        to_store = list(state.transcript)
+        to_store, calls, usage = list(state.transcript), list(state.calls), state.usage
         if state.pending:
+            # What this part stores and accounts for is done here: the resumed turn must not store, record
+            # or charge it again, only what it adds.
+            state.transcript, state.calls, state.usage = [], [], Usage()
             await self.approvals.save(state.pending[0].approval_id, user_id, session_id, state.to_json())
         else:
             to_store.append(PromptMessage("assistant", answer or "(no answer)"))
         stored = await self.memory.append(user_id, session_id, to_store) if to_store else []
-        state.transcript = []
         tools_called = ",".join(r.name for r in state.records) or None
         request_id = req.request_id or current_request_id() or ""  # one id per turn in the usage rows
-        calls = list(state.calls)
         summary_call = None
         if not state.pending and not cache_hit:
             summary_call = await self._summarize(user_id, session_id, ctx.window + len(stored), state.model)
@@ -205,7 +206,6 @@ class ChatCore:
                 completion_tokens=call.completion_tokens, cost_usd=call.cost_usd if call.priced else None,
                 priced=call.priced, estimated=call.estimated, latency_ms=call.latency_ms, cache_hit=False,
                 tool_called=tools_called, kind=kind, session_id=session_id, request_id=request_id)
-        usage = state.usage
         if summary_call:
             usage.add(summary_call.prompt_tokens, summary_call.completion_tokens, summary_call.cost_usd,
                       summary_call.priced, summary_call.estimated)

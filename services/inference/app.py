@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import entry_points
 from typing import Any
 
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -22,13 +23,27 @@ from services.inference.providers.llama_engine import LlamaEngine
 from services.inference.providers.local import LocalProvider
 from services.inference.providers.openai_compat import OpenAIProvider
 from services.inference.providers.vllm import VLLMProvider, vllm_collector
-from services.inference.routes import Route, load_routes
+from services.inference.routes import Route, RouteError, load_routes
 from services.inference.servicer import InferenceServicer
 from services.inference.telemetry import InferenceMetrics
 from services.inference.tokens import GgufTokenizer, UsageEstimator
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+PROVIDER_PLUGINS = "parley.inference.providers"
 _log = get_logger(__name__)
+
+
+def plugin_provider(route: Route, settings: InferenceSettings) -> Provider:
+    """The adapter of a `plugin` route: the `parley.inference.providers` entry point it names, called with
+    (route, settings), must return a `Provider`. The chat tests register a scripted model this way."""
+    found = entry_points(group=PROVIDER_PLUGINS, name=route.plugin or "")
+    if not found:
+        raise RouteError(f"route {route.name!r}: no {PROVIDER_PLUGINS!r} entry point named {route.plugin!r}")
+    provider = next(iter(found)).load()(route, settings)
+    if not isinstance(provider, Provider):
+        raise RouteError(f"route {route.name!r}: plugin {route.plugin!r} made a {type(provider).__name__}, "
+                         "not a Provider")
+    return provider
 
 
 def make_provider(route: Route, settings: InferenceSettings, estimator: UsageEstimator,
@@ -48,6 +63,8 @@ def make_provider(route: Route, settings: InferenceSettings, estimator: UsageEst
         return AnthropicProvider(route, **common)
     if route.provider == "gemini":
         return GeminiProvider(route, **common)
+    if route.provider == "plugin":
+        return plugin_provider(route, settings)
     raise ValueError(f"route {route.name!r}: unknown provider {route.provider!r}")
 
 

@@ -1,8 +1,9 @@
 """Model routes: which provider serves a model name, how, and what to try when it fails.
 
 Routes come from `PARLEY_INFERENCE__ROUTES` (a JSON list). The local model is a route too
-(provider `local`, named `local_model_name`) unless `local_enabled` is false. Configuration
-mistakes fail at start, naming the route and the field.
+(provider `local`, named `local_model_name`) unless `local_enabled` is false. Provider `plugin`
+takes its adapter from a `parley.inference.providers` entry point (see `app.plugin_provider`).
+Configuration mistakes fail at start, naming the route and the field.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from parley.runtime.config import InferenceSettings
 
-ProviderKind = Literal["local", "openai", "vllm", "anthropic", "gemini"]
+ProviderKind = Literal["local", "openai", "vllm", "anthropic", "gemini", "plugin"]
 ROUTE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}
 KEY_ENV_ALTERNATIVES = {"gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"), "vllm": ("VLLM_API_KEY",)}
@@ -53,6 +54,10 @@ class Route(BaseModel):
     guided_decoding: Literal["structured_outputs", "guided_json"] = Field(
         "structured_outputs", description="vLLM's request field for JSON-schema decoding (guided_json before 0.10.2)."
     )
+    plugin: str | None = Field(
+        None, description="Provider `plugin`: name of the `parley.inference.providers` entry point that makes the "
+        "adapter (e.g. the scripted model of the chat tests)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Route:
@@ -62,6 +67,8 @@ class Route(BaseModel):
             raise ValueError("a vllm route needs base_url (e.g. http://gpu-host:8000/v1)")
         if self.provider == "local":
             raise ValueError("the local route is configured with PARLEY_INFERENCE__LOCAL_* settings")
+        if (self.provider == "plugin") != bool(self.plugin):
+            raise ValueError("a plugin route needs `plugin` (an entry point name), and only a plugin route takes it")
         return self
 
     @property
@@ -80,7 +87,7 @@ class Route(BaseModel):
 
     def endpoint(self) -> str:
         """What a cooldown applies to: one provider endpoint (all routes through it)."""
-        return f"{self.provider}:{self.base_url or 'default'}"
+        return f"{self.provider}:{self.base_url or self.plugin or 'default'}"
 
 
 def local_route(settings: InferenceSettings) -> Route:

@@ -1,0 +1,322 @@
+"""The native-tool-calling agent loop and the rolling summary, over the real services with a scripted model.
+
+The stack is the real one (PostgreSQL, Redis, memory, tools, inference, chat on port 0); only the model
+is scripted: a route `{"provider": "plugin", "plugin": "scripted"}` whose adapter
+(`tests/chat/scripted.py`) plays the completions each test lists and records the requests it got.
+Models on such a route have native function calling, so the model itself picks the tools (no router).
+The tools run for real in the tools service (built-ins, and two test tools from a `parley.tools` plugin).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import text
+
+from parley.chat.v1 import chat_pb2 as pb
+from parley.chat.v1 import chat_pb2_grpc
+from parley.memory.v1 import memory_pb2 as mpb
+from parley.memory.v1 import memory_pb2_grpc
+from parley.runtime.clients import make_channel
+from parley.runtime.config import InferenceSettings
+from parley.runtime.db import Database
+from parley.runtime.metrics import Metrics
+from services.chat.peers import ROLE_NAMES
+from services.chat.summary import PROMPT as SUMMARY_PROMPT
+from services.inference.app import build_core
+from services.inference.domain import Role, ToolChoice
+from services.inference.routes import RouteError, load_routes
+from services.inference.telemetry import InferenceMetrics
+from tests.chat.conftest import ALL
+from tests.chat.scripted import NOTES, PROVIDERS, ScriptedProvider, call, install_plugins, say
+
+MODEL = "scripted-model"
+MAX_STEPS = 3
+HISTORY_BUDGET = 64  # tokens: a few short messages, so a conversation soon outgrows it
+SUMMARY_BATCH = 4
+ROUTE = {"name": MODEL, "provider": "plugin", "plugin": "scripted", "context_window": 32000,
+         "pricing": {"input_per_mtok": 1.0, "output_per_mtok": 4.0}}
+
+
+@dataclass
+class Stack:
+    chat: chat_pb2_grpc.ChatServiceStub
+    memory: memory_pb2_grpc.MemoryServiceStub
+    model: ScriptedProvider
+    database_url: str
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory):
+    root = install_plugins(tmp_path_factory.mktemp("chat-scripted"))
+    sys.path.insert(0, str(root))
+    yield
+    sys.path.remove(str(root))
+
+
+@pytest.fixture(scope="module")
+async def stack(start_stack, plugins, database_url):
+    inference = {"local_enabled": False, "default_model": MODEL, "routes": [ROUTE]}
+    chat = {"max_agent_steps": MAX_STEPS, "history_token_budget": HISTORY_BUDGET, "summary_batch": SUMMARY_BATCH}
+    async with start_stack(ALL, inference=inference, chat=chat) as app:
+        channel = make_channel(app.address)
+        yield Stack(chat_pb2_grpc.ChatServiceStub(channel), memory_pb2_grpc.MemoryServiceStub(channel),
+                    PROVIDERS[MODEL], database_url)
+        await channel.close()
+    PROVIDERS.pop(MODEL, None)
+
+
+def uid() -> str:
+    return f"agent-{uuid.uuid4().hex[:10]}"
+
+
+async def stored(s: Stack, user: str, session_id: str) -> list[mpb.Message]:
+    r = await s.memory.ListMessages(mpb.ListMessagesRequest(user_id=user, conversation_id=session_id, page_size=100))
+    return list(r.messages)
+
+
+async def usage_rows(s: Stack, user: str) -> list:
+    db = Database(s.database_url)
+    try:
+        async with db.engine.connect() as conn:
+            return (await conn.execute(text(
+                "SELECT kind, model, provider, prompt_tokens, completion_tokens, cost_usd, priced, tool_called, "
+                "request_id, session_id::text AS session_id FROM usage_records WHERE user_id = :u ORDER BY id"),
+                {"u": user})).all()
+    finally:
+        await db.close()
+
+
+def roles(messages) -> list[str]:
+    """Role names of inference (domain) or memory (proto) messages."""
+    return [m.role.value if isinstance(m.role, Role) else ROLE_NAMES[m.role] for m in messages]
+
+
+async def test_one_tool_call_runs_and_its_result_goes_back_to_the_model(stack):
+    user, question = uid(), "What is 15% of 1250, plus 3 squared?"
+    stack.model.play(call(("calculator", {"expression": "1250 * 0.15 + 3^2"}), prompt_tokens=120, completion_tokens=12),
+                     say("It comes to 196.5.", prompt_tokens=180, completion_tokens=8))
+    events = [e async for e in stack.chat.StreamChat(pb.StreamChatRequest(user_id=user, message=question))]
+
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[:3] == ["session", "tool_call", "tool_result"], kinds
+    assert set(kinds[3:-1]) == {"delta"} and kinds[-1] == "final" and kinds.count("final") == 1, kinds
+    final = events[-1].final
+    assert final.response == "It comes to 196.5."
+    assert "".join(e.delta.text for e in events if e.delta.text) == final.response
+    [record] = final.tool_calls
+    assert record.name == "calculator" and not record.error, record
+    assert json.loads(record.result_json) == {"expression": "1250 * 0.15 + 3^2", "result": 196.5}
+    assert events[1].tool_call.call_id == record.call_id == events[2].tool_result.record.call_id
+    assert (final.model, final.provider) == (MODEL, "plugin")
+    u = final.usage
+    assert (u.model_calls, u.prompt_tokens, u.completion_tokens) == (2, 300, 20)
+    assert u.priced and u.cost_usd == pytest.approx((300 * 1.0 + 20 * 4.0) / 1e6)
+    assert final.context_size == 120 and final.message_id
+
+    # What the model saw: the tools and the question, then its own call and the tool's result.
+    first, second = stack.model.requests
+    assert "calculator" in {t.name for t in first.tools} and first.effective_tool_choice is ToolChoice.AUTO
+    assert roles(first.messages) == ["system", "user"] and first.messages[-1].content == question
+    assert roles(second.messages) == ["system", "user", "assistant", "tool"]
+    asked, answered = second.messages[2], second.messages[3]
+    assert [(c.id, c.name, json.loads(c.arguments_json)) for c in asked.tool_calls] == [
+        (record.call_id, "calculator", {"expression": "1250 * 0.15 + 3^2"})]
+    assert answered.tool_call_id == record.call_id and json.loads(answered.content)["result"] == 196.5
+
+    # What memory keeps: the question, the call, the result, the answer.
+    kept = await stored(stack, user, final.session_id)
+    assert roles(kept) == ["user", "assistant", "tool", "assistant"]
+    assert [(c.id, c.name) for c in kept[1].tool_calls] == [(record.call_id, "calculator")]
+    assert json.loads(kept[1].tool_calls[0].arguments_json) == {"expression": "1250 * 0.15 + 3^2"}
+    assert kept[2].tool_call_id == record.call_id and json.loads(kept[2].content)["result"] == 196.5
+    assert kept[3].content == final.response and kept[3].message_id == final.message_id
+
+    # One usage row per model call, of this turn.
+    rows = await usage_rows(stack, user)
+    assert [(r.kind, r.model, r.provider, r.prompt_tokens, r.completion_tokens, r.priced, r.tool_called)
+            for r in rows] == [("generate", MODEL, "plugin", 120, 12, True, "calculator"),
+                               ("generate", MODEL, "plugin", 180, 8, True, "calculator")]
+    assert {r.session_id for r in rows} == {final.session_id}
+    assert rows[0].request_id and rows[0].request_id == rows[1].request_id
+    assert float(sum(r.cost_usd for r in rows)) == pytest.approx(u.cost_usd)
+
+
+async def test_independent_calls_of_one_step_run_concurrently_and_all_results_go_back(stack):
+    user = uid()
+    stack.model.play(call(("slow_echo", {"text": "left"}), ("slow_echo", {"text": "right"}),
+                          ("current_time", {"timezone": "Europe/Lisbon"})),
+                     say("Both echoes came back."))
+    r = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Echo left and right, and tell me the time."))
+    assert r.response == "Both echoes came back." and r.usage.model_calls == 2
+    assert [(t.name, t.error) for t in r.tool_calls] == [("slow_echo", ""), ("slow_echo", ""), ("current_time", "")]
+    left, right, clock = (json.loads(t.result_json) for t in r.tool_calls)
+    assert (left["text"], right["text"], clock["timezone"]) == ("left", "right", "Europe/Lisbon")
+    # Each echo sleeps 0.4 s: run one after the other, their intervals could not overlap.
+    assert left["started"] < right["ended"] and right["started"] < left["ended"], (left, right)
+
+    second = stack.model.requests[1]
+    assert roles(second.messages)[-4:] == ["assistant", "tool", "tool", "tool"]
+    ids = [c.id for c in second.messages[-4].tool_calls]
+    assert [m.tool_call_id for m in second.messages[-3:]] == ids == [t.call_id for t in r.tool_calls]
+    assert [json.loads(m.content).get("text") for m in second.messages[-3:-1]] == ["left", "right"]
+
+
+async def test_failing_tool_calls_send_the_error_back_to_the_model(stack):
+    user = uid()
+    stack.model.play(call(("calculator", {"expression": "1/0"}),  # the tool fails
+                          ("calculator", {"formula": "1+1"}),  # arguments against the schema
+                          ("no_such_tool", {}),  # not a tool
+                          ("calculator", '{"expression": "1+')),  # arguments that are not JSON
+                     say("Sorry, none of those worked."))
+    r = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Compute a few things."))
+    assert r.response == "Sorry, none of those worked." and r.usage.model_calls == 2
+    errors = [t.error for t in r.tool_calls]
+    assert "division by zero" in errors[0]
+    assert "do not match the schema of tool 'calculator'" in errors[1] and "formula" in errors[1], errors[1]
+    assert "no_such_tool" in errors[2] and "not found" in errors[2]
+    assert "not valid JSON" in errors[3]
+    assert all(not t.result_json for t in r.tool_calls)
+
+    second = stack.model.requests[1]
+    results = second.messages[-4:]
+    assert roles(results) == ["tool"] * 4
+    assert [json.loads(m.content) for m in results] == [{"error": e} for e in errors]
+    # Arguments that do not parse go back to the model as {} (the tool result says what was wrong) ...
+    assert second.messages[-5].tool_calls[3].arguments_json == "{}"
+    kept = await stored(stack, user, r.session_id)
+    assert roles(kept) == ["user", "assistant", "tool", "tool", "tool", "tool", "assistant"]
+    assert kept[1].tool_calls[3].arguments_json == '{"expression": "1+', "... and are stored as the model wrote them"
+
+
+async def test_a_model_that_keeps_calling_tools_stops_at_max_steps(stack):
+    user = uid()
+    again = call(("calculator", {"expression": "2+2"}))
+    stack.model.play(*[again] * (MAX_STEPS + 2))
+    r = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Keep adding."))
+
+    assert len(stack.model.requests) == MAX_STEPS and r.usage.model_calls == MAX_STEPS
+    assert [bool(q.tools) for q in stack.model.requests] == [True] * (MAX_STEPS - 1) + [False], \
+        "the last step offers no tools"
+    assert stack.model.requests[-1].effective_tool_choice is ToolChoice.NONE
+    assert [t.name for t in r.tool_calls] == ["calculator"] * (MAX_STEPS - 1), "the last step's call did not run"
+    assert any(f"max_agent_steps={MAX_STEPS}" in w for w in r.warnings), list(r.warnings)
+    assert r.response == "" and r.message_id
+    rows = await usage_rows(stack, user)
+    assert [row.kind for row in rows] == ["generate"] * MAX_STEPS
+    kept = await stored(stack, user, r.session_id)
+    assert roles(kept) == ["user"] + ["assistant", "tool"] * (MAX_STEPS - 1) + ["assistant"]
+
+
+async def test_a_side_effecting_tool_chosen_by_the_model_waits_for_approval(stack):
+    user = uid()
+    NOTES.clear()
+    stack.model.play(call(("post_note", {"text": "ship it"}), ("current_time", {})))
+    paused = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Post 'ship it' on the board."))
+    [pending] = paused.pending_approvals
+    assert (pending.tool_name, json.loads(pending.arguments_json)) == ("post_note", {"text": "ship it"})
+    assert NOTES == [] and list(paused.tool_calls) == [] and not paused.message_id, "nothing ran yet"
+    assert stack.model.left == 0 and len(stack.model.requests) == 1
+    assert paused.usage.model_calls == 1 and len(await usage_rows(stack, user)) == 1
+
+    stack.model.play(say("Posted."))
+    done = (await stack.chat.ResolveApproval(pb.ResolveApprovalRequest(
+        user_id=user, approval_id=pending.approval_id, decision=pb.DECISION_APPROVE))).response
+    assert NOTES == ["ship it"], "exactly the approved call ran, once"
+    assert [(t.name, t.error) for t in done.tool_calls] == [("post_note", ""), ("current_time", "")]
+    assert done.response == "Posted." and not done.pending_approvals and done.message_id
+    assert done.usage.model_calls == 1, "the resumed part accounts for its own model call only"
+    assert [r.kind for r in await usage_rows(stack, user)] == ["generate", "generate"], "one row per model call"
+    [resumed] = stack.model.requests
+    assert roles(resumed.messages)[-3:] == ["assistant", "tool", "tool"]
+    assert json.loads(resumed.messages[-2].content) == {"posted": True, "text": "ship it"}
+    kept = await stored(stack, user, paused.session_id)
+    assert roles(kept) == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [c.name for c in kept[1].tool_calls] == ["post_note", "current_time"]
+
+    # Denied: the call does not run, and the model hears why.
+    stack.model.play(call(("post_note", {"text": "do not ship"})), say("Understood, nothing posted."))
+    paused = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Post 'do not ship' on the board."))
+    denied = (await stack.chat.ResolveApproval(pb.ResolveApprovalRequest(
+        user_id=user, approval_id=paused.pending_approvals[0].approval_id, decision=pb.DECISION_DENY))).response
+    assert NOTES == ["ship it"], "a denied call does not run"
+    assert "denied" in denied.tool_calls[0].error and denied.response == "Understood, nothing posted."
+    assert "denied" in json.loads(stack.model.requests[-1].messages[-1].content)["error"]
+
+
+def summary_requests(model: ScriptedProvider) -> list:
+    return [q for q in model.requests if q.messages[0].content == SUMMARY_PROMPT]
+
+
+async def test_history_beyond_the_budget_is_folded_into_a_rolling_summary(stack):
+    user = uid()
+    off = pb.ChatOptions(disable_recall=True)  # recall brings back old turns by similarity: not what is tested here
+    summaries = ["Ana lives in Porto and keeps bees.", "Ana lives in Porto, keeps bees and plays the cello."]
+    session, said, found = "", [], []
+    for turn in range(12):  # each turn offers a summary reply: the model gets a summary request once one is due
+        message = f"Fact number {turn + 1} about my life: I have visited {turn + 3} cities and read {turn * 7} books."
+        stack.model.play(say(f"Noted fact {turn + 1}."), say(summaries[len(found)], prompt_tokens=300,
+                                                               completion_tokens=30))
+        r = await stack.chat.Chat(pb.ChatRequest(user_id=user, session_id=session, message=message, options=off))
+        session = r.session_id
+        said += [message, r.response]
+        asked = summary_requests(stack.model)
+        assert r.usage.model_calls == 1 + len(asked) and stack.model.left == 1 - len(asked)
+        if asked:
+            found.append(asked[0])
+            if len(found) == len(summaries):
+                break
+    assert len(found) == 2, "the history outgrew the budget: the summary was updated twice"
+
+    conversation = (await stack.memory.GetConversation(mpb.GetConversationRequest(
+        user_id=user, conversation_id=session))).conversation
+    assert conversation.summary == summaries[1]
+    covered = int(conversation.metadata["parley_summarized_messages"])
+    assert covered >= 2 * SUMMARY_BATCH
+    # Each summary request carries the summary so far and only the messages not yet folded in.
+    first, second = found
+    first_text, second_text = first.messages[1].content, second.messages[1].content
+    assert first_text.startswith("Summary so far:\n(none)\n") and not first.tools
+    assert second_text.startswith(f"Summary so far:\n{summaries[0]}\n")
+    assert first.sampling.max_tokens == 160 and first.sampling.temperature == 0
+    folded_first = [m for m in said if m in first_text]
+    assert len(folded_first) >= SUMMARY_BATCH and folded_first == said[:len(folded_first)], "oldest first"
+    assert f"user: {said[0]}\nassistant: {said[1]}\n" in first_text
+    folded_second = [m for m in said if m in second_text]
+    assert folded_second == said[len(folded_first):covered], "the second update folds in only what is new"
+    rows = await usage_rows(stack, user)
+    assert [r.kind for r in rows].count("summary") == 2
+
+    # The next turn's prompt: the summary in the system message, the recent window, no summarised turn.
+    stack.model.play(say("You told me several facts."))
+    last = "What have I told you so far?"
+    await stack.chat.Chat(pb.ChatRequest(user_id=user, session_id=session, message=last, options=off))
+    [prompt] = stack.model.requests
+    system = prompt.messages[0].content
+    assert f"Summary of the earlier conversation:\n{summaries[1]}" in system
+    texts = [m.content for m in prompt.messages[1:]]
+    assert texts[-1] == last and len(texts) > 2
+    assert not any(old in t for old in said[:covered] for t in [system, *texts]), "summarised turns stay out"
+    assert texts[:-1] == said[len(said) - len(texts) + 1:], "the newest turns, in order"
+
+
+async def test_plugin_route_mistakes_fail_at_start(plugins):
+    def config(**route) -> InferenceSettings:
+        return InferenceSettings(local_enabled=False, default_model="m", routes=[{"name": "m", **route}])
+
+    with pytest.raises(RouteError, match="needs `plugin`"):
+        load_routes(config(provider="plugin"))
+    with pytest.raises(RouteError, match="only a plugin route"):
+        load_routes(config(provider="openai", plugin="scripted"))
+    with pytest.raises(RouteError, match="route 'm': no 'parley.inference.providers' entry point named 'nope'"):
+        await build_core(config(provider="plugin", plugin="nope"), InferenceMetrics(Metrics()))
+    core, _ = await build_core(config(provider="plugin", plugin="scripted", native_tools=False),
+                               InferenceMetrics(Metrics()))
+    [model] = await core.list_models()
+    assert (model.name, model.provider, model.native_tool_calling, model.reachable) == ("m", "plugin", False, True)
+    assert isinstance(core.backends["m"].provider, ScriptedProvider)
+    PROVIDERS.pop("m", None)
