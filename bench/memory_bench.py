@@ -85,20 +85,39 @@ async def embed_cached(embedder: Embedder, texts: list[str], name: str) -> np.nd
     return vectors
 
 
-async def bench_ingestion(stub, users: int, sequential: int, writers: int, per_writer: int) -> dict[str, float]:
+async def bench_ingestion(stub, db: Database, users: int, sequential: int, writers: int, per_writer: int,
+                          async_embedding: bool, tag: str) -> dict[str, float]:
+    """Appends through gRPC, one message per call; the clock stops when the last embedding is stored.
+
+    async_embedding=False: each AppendMessages returns once its vectors are stored.
+    async_embedding=True: AppendMessages returns once the message is committed; the service embeds and stores the
+    vectors right after (micro-batched across calls); the clock runs until none of these messages lacks a vector.
+    """
     convs = {}
     for u in range(users):
-        r = await stub.CreateConversation(pb.CreateConversationRequest(user_id=f"ingest-{u}"))
+        r = await stub.CreateConversation(pb.CreateConversationRequest(user_id=f"ingest-{tag}-{u}"))
         convs[u] = r.conversation.conversation_id
-    texts = corpus(sequential + writers * per_writer, seed=11)
+    texts = corpus(sequential + writers * per_writer, seed=11 if not async_embedding else 12)
 
     async def one(u: int, t: str) -> None:
         await stub.AppendMessages(pb.AppendMessagesRequest(
-            user_id=f"ingest-{u}", conversation_id=convs[u], messages=[pb.NewMessage(role=pb.ROLE_USER, content=t)]))
+            user_id=f"ingest-{tag}-{u}", conversation_id=convs[u], async_embedding=async_embedding,
+            messages=[pb.NewMessage(role=pb.ROLE_USER, content=t)]))
+
+    async def all_embedded() -> None:
+        while True:
+            async with db.engine.connect() as conn:
+                missing = (await conn.execute(text(
+                    "SELECT count(*) FROM messages WHERE user_id LIKE :p AND embedding IS NULL"),
+                    {"p": f"ingest-{tag}-%"})).scalar_one()
+            if not missing:
+                return
+            await asyncio.sleep(0.005)
 
     started = time.perf_counter()
     for t in texts[:sequential]:
         await one(0, t)
+    await all_embedded()
     seq_rate = sequential / (time.perf_counter() - started)
 
     async def writer(w: int) -> None:
@@ -107,6 +126,7 @@ async def bench_ingestion(stub, users: int, sequential: int, writers: int, per_w
 
     started = time.perf_counter()
     await asyncio.gather(*(writer(w) for w in range(writers)))
+    await all_embedded()
     conc_rate = writers * per_writer / (time.perf_counter() - started)
     return {"sequential": seq_rate, "concurrent": conc_rate}
 
@@ -139,7 +159,9 @@ async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, users: 
         await conn.execute(text(
             "CREATE INDEX messages_embedding_hnsw ON messages USING hnsw (embedding vector_cosine_ops) "
             "WITH (m = 16, ef_construction = 64)"))
-        await conn.execute(text("ANALYZE messages"))
+    async with db.engine.connect() as conn:  # what autovacuum does to a live table: the visibility map that
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")  # index-only scans rely on, and stats
+        await conn.execute(text("VACUUM (ANALYZE) messages"))
     print(f"  HNSW index over {len(texts)} vectors built in {time.perf_counter() - started:.0f} s")
     return {"owner": owner}
 
@@ -266,10 +288,18 @@ async def main(args: argparse.Namespace) -> None:
                 store = MemoryStore(db.engine)
                 embedder = await _shared_embedder(app)
                 print(f"== ingestion through gRPC ({args.sequential} sequential appends, "
-                      f"{args.writers} writers x {args.per_writer})")
-                ingest = await bench_ingestion(stub, args.writers, args.sequential, args.writers, args.per_writer)
-                print(f"  batch 1, one writer: {ingest['sequential']:.0f} msgs/s; "
-                      f"{args.writers} concurrent writers: {ingest['concurrent']:.0f} msgs/s (goal >= 300)")
+                      f"{args.writers} writers x {args.per_writer}; one message per call; clock stops when the "
+                      "last vector is stored)")
+                ingest = {}
+                for mode, label in ((True, "async_embedding (vectors follow the commit)"),
+                                    (False, "synchronous (each call waits for its vectors)")):
+                    ingest[mode] = r = await bench_ingestion(stub, db, args.writers, args.sequential, args.writers,
+                                                             args.per_writer, mode, "a" if mode else "s")
+                    print(f"  {label}: batch 1, one writer {r['sequential']:.0f} msgs/s; "
+                          f"{args.writers} concurrent writers {r['concurrent']:.0f} msgs/s (goal >= 300)")
+                ingest = ingest[True]
+                if args.only_ingestion:
+                    return
 
                 print(f"== recall at {args.messages} messages, {args.users} users")
                 texts = corpus(args.messages)
@@ -344,4 +374,5 @@ if __name__ == "__main__":
     parser.add_argument("--sequential", type=int, default=300)
     parser.add_argument("--writers", type=int, default=32)
     parser.add_argument("--per-writer", type=int, default=20)
+    parser.add_argument("--only-ingestion", action="store_true", help="stop after the ingestion figures")
     asyncio.run(main(parser.parse_args()))

@@ -61,7 +61,7 @@ class ServiceContext:
             if self._embedder is None:
                 cfg = self.settings.embedding
                 self._embedder = await Embedder.load(cfg.model_path, cfg.batch_size, cfg.max_wait_ms,
-                                                     cfg.torch_threads)
+                                                     cfg.threads, cfg.backend, cfg.onnx_cache_dir)
                 self._embedder.start()
                 self._stack.push_async_callback(self._embedder.close)
         return self._embedder

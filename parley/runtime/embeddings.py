@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from parley.runtime import onnx_encoder
 from parley.runtime.logging import get_logger
+from parley.runtime.onnx_encoder import OnnxEncoder
 
 EMBEDDING_DIM = 384
 _log = get_logger(__name__)
@@ -37,8 +39,11 @@ class _Request:
 class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
-    def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0, cache_size: int = 2048) -> None:
+    def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0, cache_size: int = 2048,
+                 encoder: OnnxEncoder | None = None) -> None:
         self._model = model
+        self._onnx = encoder  # None: the model's own torch forward pass
+        self.backend = "onnx" if encoder is not None else "torch"
         # Hugging Face fast tokenizers are not safe to share between threads: the encode thread keeps the
         # model's own; token counting (event loop) and chunking (worker threads) get copies.
         self.tokenizer = copy.deepcopy(model.tokenizer)
@@ -60,32 +65,45 @@ class Embedder:
         return copy.deepcopy(self.tokenizer)
 
     @classmethod
-    async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float,
-                   torch_threads: int = 1) -> Embedder:
-        """Load the model in a thread, logging progress every second while it loads."""
+    async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float, threads: int = 1,
+                   backend: str = "onnx", onnx_cache_dir: Path | None = None) -> Embedder:
+        """Load the model in a thread, logging progress every second while it loads.
+
+        backend "onnx": the model's transformer exported once (cached) and run by ONNX Runtime (same vectors,
+        about half the CPU per short text here); falls back to torch, with a warning, for a model it cannot export.
+        """
         path = model_path or packaged_embedding_model_path()
         if not Path(path).exists():
             raise FileNotFoundError(f"embedding model not found at {path}")
         started = time.perf_counter()
-        _log.info("embedding_model_loading", path=path)
+        _log.info("embedding_model_loading", path=path, backend=backend)
 
         def _load():
             import torch
             from sentence_transformers import SentenceTransformer
 
-            if torch_threads:
-                torch.set_num_threads(torch_threads)
-
-            return SentenceTransformer(path, device="cpu")
+            if threads:
+                torch.set_num_threads(threads)
+            model = SentenceTransformer(path, device="cpu")
+            if backend != "onnx":
+                return model, None
+            why_not = onnx_encoder.supported(model)
+            if why_not:
+                _log.warning("embedding_onnx_unsupported", reason=why_not, fallback="torch")
+                return model, None
+            cache = onnx_cache_dir or onnx_encoder.default_cache_dir()
+            return model, onnx_encoder.OnnxEncoder.build(model, path, cache, threads)
 
         task = asyncio.ensure_future(asyncio.to_thread(_load))
         while not task.done():
             await asyncio.wait({task}, timeout=1.0)
             if not task.done():
                 _log.info("embedding_model_loading", elapsed_s=round(time.perf_counter() - started, 1))
-        model = task.result()
-        _log.info("embedding_model_ready", load_s=round(time.perf_counter() - started, 2), dim=EMBEDDING_DIM)
-        return cls(model, batch_size, max_wait_ms)
+        model, encoder = task.result()
+        embedder = cls(model, batch_size, max_wait_ms, encoder=encoder)
+        _log.info("embedding_model_ready", load_s=round(time.perf_counter() - started, 2), dim=EMBEDDING_DIM,
+                  backend=embedder.backend)
+        return embedder
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="embedder")
@@ -166,6 +184,13 @@ class Embedder:
                 offset += n
 
     def _encode(self, texts: list[str]) -> np.ndarray:
+        if self._onnx is not None:  # by length, like sentence-transformers, so a batch pads little
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            vectors = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
+            for start in range(0, len(order), self._batch_size):
+                chunk = order[start:start + self._batch_size]
+                vectors[chunk] = self._onnx.encode([texts[i] for i in chunk])
+            return vectors
         return self._model.encode(
             texts,
             batch_size=self._batch_size,

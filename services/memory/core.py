@@ -64,6 +64,7 @@ class MemoryCore:
         self.embedder = embedder
         self.settings = settings
         self._background: set[asyncio.Task] = set()
+        self._vectors = VectorWriter(store)
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class MemoryCore:
         """Store the embeddings; on failure leave them to the backfill worker (the turn is already safe)."""
         try:
             vectors = await embedding
-            await self.store.set_embeddings([m.id for m in todo], vectors.tolist())
+            await self._vectors.write([m.id for m in todo], vectors.tolist())
         except Exception as exc:  # noqa: BLE001 - any failure here must not lose the stored turn
             _log.warning("embedding_deferred", messages=len(todo), error=str(exc))
             return
@@ -288,6 +289,41 @@ async def _time_keyset_page(fetch, rpc: str, user_id: str, page_size: int, page_
 def _not_found(kind: str, ident: str) -> NotFound:
     # Same answer whether it does not exist or belongs to someone else: ids are not an oracle.
     return NotFound(message=f"{kind} {ident} not found", metadata={"resource": kind})
+
+
+class VectorWriter:
+    """Stores computed vectors, coalescing concurrent writes into one UPDATE.
+
+    While one UPDATE runs, the vectors of other turns queue up and go out together in the next, so 32 concurrent
+    writers cost a few statements, not 32 (the same micro-batching the embedder does for forward passes).
+    """
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._queued: list[tuple[list[uuid.UUID], list[list[float]], asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def write(self, ids: list[uuid.UUID], vectors: list[list[float]]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._queued.append((ids, vectors, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="vector-writer")
+        await asyncio.shield(done)
+
+    async def _flush(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                await self._store.set_embeddings([i for ids, _, _ in batch for i in ids],
+                                                 [v for _, vectors, _ in batch for v in vectors])
+            except Exception as exc:  # noqa: BLE001 - each writer sees the failure (and defers to the backfill)
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
 
 class EmbeddingBackfill:

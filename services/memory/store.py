@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.memory.records import (
@@ -201,6 +201,9 @@ class MemoryStore:
         if not ids:
             return
         async with self.engine.begin() as conn:
+            # Vectors are derived data: a crash that loses this commit leaves NULLs the backfill recomputes, so
+            # the commit does not wait for the WAL flush.
+            await conn.execute(text("SET LOCAL synchronous_commit = off"))
             await conn.execute(
                 text(
                     "UPDATE messages SET embedding = CAST(v.e AS vector) "
@@ -251,7 +254,9 @@ class MemoryStore:
             )
             return [_message(r) for r in rows]
 
-    async def recall(self, q: RecallQuery) -> list[tuple[Message, float]]:
+    @staticmethod
+    def recall_statements(q: RecallQuery) -> tuple[TextClause, TextClause, dict[str, Any]]:
+        """(exact, approximate, params): the two plans of `recall` over the same filters."""
         where = ["user_id = :user_id", "embedding IS NOT NULL", "role = ANY(CAST(:roles AS smallint[]))"]
         params: dict[str, Any] = {
             "user_id": q.user_id,
@@ -281,14 +286,18 @@ class MemoryStore:
             f"SELECT {_MESSAGE_COLUMNS}, 1 - (embedding <=> CAST(:q AS vector)) AS score "
             f"FROM messages WHERE {' AND '.join(where)} ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit"
         )
-        # MATERIALIZED keeps the planner from answering with the HNSW index: the user's rows come from the
-        # (user_id, created_at) B-tree and are ranked exactly.
+        # Ordered by the score, not by the distance operator, so the planner cannot answer with the HNSW index: the
+        # user's rows come from the covering (user_id, created_at) index (an index-only scan over their contiguous
+        # leaf pages, migration 0004) and are all ranked exactly.
         exact = text(
-            f"WITH mine AS MATERIALIZED (SELECT id, embedding FROM messages WHERE {' AND '.join(where)}), "
-            "best AS (SELECT id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM mine "
-            "ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit) "
+            f"WITH best AS (SELECT id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM messages "
+            f"WHERE {' AND '.join(where)} ORDER BY score DESC LIMIT :limit) "
             f"SELECT {_MESSAGE_COLUMNS}, best.score FROM best JOIN messages USING (id)"
         )
+        return exact, approximate, params
+
+    async def recall(self, q: RecallQuery) -> list[tuple[Message, float]]:
+        exact, approximate, params = self.recall_statements(q)
         async with self.engine.connect() as conn:
             owned = (await conn.execute(
                 text("SELECT coalesce(sum(message_count), 0) FROM conversations WHERE user_id = :user_id"),
