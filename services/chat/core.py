@@ -11,6 +11,7 @@ final one.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -41,6 +42,7 @@ from services.chat.peers import ROLE_NAMES, MemoryPeer, PromptMessage
 from services.chat.summary import Summarizer
 from services.chat.telemetry import TurnMetrics
 
+RECALL_SLACK = 8  # recall hits fetched beyond recall_top_k, to drop those already in the window
 _log = get_logger(__name__)
 
 
@@ -199,13 +201,16 @@ class ChatCore:
         request_id = req.request_id or current_request_id() or ""  # one id per turn in the usage rows
         summary_call = None
         if not state.pending and not cache_hit:
-            summary_call = await self._summarize(user_id, session_id, ctx.window + len(stored), state.model)
-        for call, kind in [(c, "generate") for c in calls] + ([(summary_call, "summary")] if summary_call else []):
-            await g.usage.record(
+            summary_call = await self._summarize(user_id, session, 1 + len(stored), ctx.window + len(stored),
+                                                 state.model)
+        await asyncio.gather(*(
+            g.usage.record(
                 user_id=user_id, model=call.model, provider=call.provider, prompt_tokens=call.prompt_tokens,
                 completion_tokens=call.completion_tokens, cost_usd=call.cost_usd if call.priced else None,
                 priced=call.priced, estimated=call.estimated, latency_ms=call.latency_ms, cache_hit=False,
                 tool_called=tools_called, kind=kind, session_id=session_id, request_id=request_id)
+            for call, kind in [(c, "generate") for c in calls] + ([(summary_call, "summary")] if summary_call else [])
+        ))
         if summary_call:
             usage.add(summary_call.prompt_tokens, summary_call.completion_tokens, summary_call.cost_usd,
                       summary_call.priced, summary_call.estimated)
@@ -214,8 +219,8 @@ class ChatCore:
             await g.usage.record(user_id=user_id, model=state.served_model, provider=state.provider, kind="cache",
                                  cache_hit=True, cost_usd=0.0, priced=True, session_id=session_id,
                                  request_id=request_id)
-        await g.limits.charge(user_id, usage.total_tokens)
-        await g.budget.charge(user_id, usage.cost_usd if usage.priced else None)
+        await asyncio.gather(g.limits.charge(user_id, usage.total_tokens),
+                             g.budget.charge(user_id, usage.cost_usd if usage.priced else None))
         result = TurnResult(
             response=answer, model=state.served_model, session_id=session_id, context_size=state.context_size,
             memory=ctx.memory, tool_calls=state.records, usage=usage, provider=state.provider, cache_hit=cache_hit,
@@ -237,46 +242,55 @@ class ChatCore:
             return "sha256:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
         return prompt[: self.settings.log_prompt_max_chars]
 
-    async def _summarize(self, user_id: str, session_id: str, window: int, model: str) -> ModelCall | None:
+    async def _summarize(self, user_id: str, session: mpb.Conversation, added: int, window: int,
+                         model: str) -> ModelCall | None:
+        """Fold old turns into the summary when due. `session` is as the turn found it and `added` (at least) what
+        the turn stored since: due is decided without a call; only then is the session read again, fresh."""
         try:
-            session = await self.memory.get_session(user_id, session_id)
-            return await self.summarizer.maybe_summarize(user_id, session, window, model)
+            if not self.summarizer.due(session, window, added):
+                return None
+            fresh = await self.memory.get_session(user_id, session.conversation_id)
+            return await self.summarizer.maybe_summarize(user_id, fresh, window, model)
         except ParleyError as exc:  # a missed summary is retried on the next turn
             _log.warning("summary_failed", error=exc.message)
             return None
 
     async def assemble(self, req: TurnRequest, session_id: str, summary: str) -> AssembledContext:
-        """System prompt + summary + recalled memories + the recent window (which ends with this message)."""
-        history = await self.memory.history(req.user_id, session_id, self.settings.history_token_budget)
+        """System prompt + summary + recalled memories + the recent window (which ends with this message).
+
+        The window, recall and document search are three memory calls made together. Recall must not return
+        what is already in the window, which is only known once the window is: it asks for RECALL_SLACK more
+        hits than it keeps and drops the window's; only if that leaves too few does it ask again, excluding them.
+        """
         warnings: list[str] = []
-        memory: list[MemoryItem] = []
-        if self.settings.recall_top_k and not req.options.disable_recall:
-            try:
-                hits = await self.memory.recall(
-                    req.user_id, req.message, self.settings.recall_top_k, self.settings.recall_min_score,
-                    [m.message_id for m in history if m.message_id],
-                )
-                memory = [
-                    MemoryItem(
-                        source="message", content=h.message.content, score=h.score,
-                        origin_id=h.message.conversation_id, role=ROLE_NAMES.get(h.message.role, "user"),
-                        created_at=h.message.create_time.ToDatetime() if h.message.HasField("create_time") else None,
-                    )
-                    for h in hits
-                ]
-            except ParleyError as exc:  # answer without recall, and say so
-                _log.warning("recall_failed", error=exc.message)
-                warnings.append("recall unavailable: answered without memories of past sessions")
-        documents: list[MemoryItem] = []
-        if self.settings.document_top_k and not req.options.disable_recall:
-            try:
-                chunks = await self.memory.search_documents(req.user_id, req.message, self.settings.document_top_k)
-                documents = [MemoryItem(source="document", content=c.content, score=c.score, origin_id=c.document_id,
-                                        role="", created_at=None)
-                             for c in chunks if c.score >= self.settings.document_min_score]
-            except ParleyError as exc:
-                _log.warning("document_search_failed", error=exc.message)
-                warnings.append("document search unavailable: answered without the knowledge base")
+        use_recall = bool(self.settings.recall_top_k) and not req.options.disable_recall
+        use_documents = bool(self.settings.document_top_k) and not req.options.disable_recall
+        recall = asyncio.ensure_future(self._recall(req, [], self.settings.recall_top_k + RECALL_SLACK, warnings)
+                                       if use_recall else _nothing())
+        documents = asyncio.ensure_future(self._documents(req, warnings) if use_documents else _nothing())
+        try:
+            history = await self.memory.history(req.user_id, session_id, self.settings.history_token_budget)
+        except BaseException:
+            recall.cancel()
+            documents.cancel()
+            raise
+        if not history:  # this message alone is over the history budget: it is still what the model must answer
+            history = [PromptMessage("user", req.message)]
+        in_window = {m.message_id for m in history if m.message_id}
+        hits = await recall
+        kept = [h for h in hits if h.message.message_id not in in_window][: self.settings.recall_top_k]
+        more_exist = len(hits) == self.settings.recall_top_k + RECALL_SLACK
+        if use_recall and more_exist and len(kept) < self.settings.recall_top_k:
+            kept = await self._recall(req, sorted(in_window), self.settings.recall_top_k, warnings)
+        memory = [
+            MemoryItem(
+                source="message", content=h.message.content, score=h.score,
+                origin_id=h.message.conversation_id, role=ROLE_NAMES.get(h.message.role, "user"),
+                created_at=h.message.create_time.ToDatetime() if h.message.HasField("create_time") else None,
+            )
+            for h in kept
+        ]
+        documents = await documents
         system = self.settings.system_prompt
         if summary:
             system += f"\n\nSummary of the earlier conversation:\n{summary}"
@@ -292,3 +306,28 @@ class ChatCore:
              [d.content for d in documents]]).encode()).hexdigest()
         return AssembledContext([PromptMessage("system", system), *window], memory + documents, warnings,
                                 fingerprint, len(history))
+
+    async def _recall(self, req: TurnRequest, exclude: list[str], top_k: int,
+                      warnings: list[str]) -> list[mpb.RecalledMessage]:
+        try:
+            return await self.memory.recall(req.user_id, req.message, top_k, self.settings.recall_min_score, exclude)
+        except ParleyError as exc:  # answer without recall, and say so
+            _log.warning("recall_failed", error=exc.message)
+            if not any(w.startswith("recall unavailable") for w in warnings):
+                warnings.append("recall unavailable: answered without memories of past sessions")
+            return []
+
+    async def _documents(self, req: TurnRequest, warnings: list[str]) -> list[MemoryItem]:
+        try:
+            chunks = await self.memory.search_documents(req.user_id, req.message, self.settings.document_top_k)
+        except ParleyError as exc:
+            _log.warning("document_search_failed", error=exc.message)
+            warnings.append("document search unavailable: answered without the knowledge base")
+            return []
+        return [MemoryItem(source="document", content=c.content, score=c.score, origin_id=c.document_id, role="",
+                           created_at=None)
+                for c in chunks if c.score >= self.settings.document_min_score]
+
+
+async def _nothing() -> list:
+    return []

@@ -13,6 +13,7 @@ import time
 from parley.memory.v1 import memory_pb2 as mpb
 from parley.runtime.config import ChatSettings
 from parley.runtime.protoconv import from_struct
+from parley.runtime.validation import MAX_PAGE_SIZE
 from services.chat.agent import ModelCall
 from services.chat.peers import InferencePeer, MemoryPeer, PromptMessage
 
@@ -29,16 +30,30 @@ class Summarizer:
         self.memory = memory
         self.inference = inference
 
+    def due(self, session: mpb.Conversation, window: int, added: int = 0) -> bool:
+        """Whether `summary_batch` messages before the window (of `window` messages) are not summarised yet,
+        counting `added` messages stored since `session` was read."""
+        covered = int(from_struct(session.metadata).get(COVERED_KEY, 0))
+        return session.message_count + added - window - covered >= self.settings.summary_batch
+
     async def maybe_summarize(self, user_id: str, session: mpb.Conversation, window: int,
                               model: str) -> ModelCall | None:
         """Fold messages older than the window into the summary; returns the model call it made, if any."""
+        if not self.due(session, window):
+            return None
         metadata = from_struct(session.metadata)
         covered = int(metadata.get(COVERED_KEY, 0))
         outside = session.message_count - window
-        if outside - covered < self.settings.summary_batch:
-            return None
-        older = await self.memory.list_messages(user_id, session.conversation_id, page_size=outside, page_token="")
-        fresh = [m for m in older.messages[covered:outside] if m.content]
+        older: list[mpb.Message] = []
+        token = ""
+        while len(older) < outside:  # pages of at most MAX_PAGE_SIZE (the memory service's limit)
+            page = await self.memory.list_messages(user_id, session.conversation_id,
+                                                   page_size=min(outside - len(older), MAX_PAGE_SIZE), page_token=token)
+            older.extend(page.messages)
+            token = page.next_page_token
+            if not token:
+                break
+        fresh = [m for m in older[covered:outside] if m.content]
         transcript = "\n".join(f"{PromptMessage.from_memory(m).role}: {m.content[:1000]}" for m in fresh)
         request = self.inference.request(
             model,

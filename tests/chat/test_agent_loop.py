@@ -320,3 +320,13 @@ async def test_plugin_route_mistakes_fail_at_start(plugins):
     assert (model.name, model.provider, model.native_tool_calling, model.reachable) == ("m", "plugin", False, True)
     assert isinstance(core.backends["m"].provider, ScriptedProvider)
     PROVIDERS.pop("m", None)
+
+
+async def test_a_message_over_the_history_budget_still_reaches_the_model(stack):
+    """The history budget (64 tokens here) bounds the window of past turns; the message itself is always sent."""
+    long = "Please keep all of this in mind: " + " ".join(f"item-{i}" for i in range(120))
+    stack.model.play(say("Kept in mind."))
+    r = await stack.chat.Chat(pb.ChatRequest(user_id=uid(), message=long, options=pb.ChatOptions(disable_recall=True)))
+    assert r.response == "Kept in mind."
+    [prompt] = stack.model.requests
+    assert [m.content for m in prompt.messages[1:]] == [long]
