@@ -38,6 +38,7 @@ from services.chat.events import (
     Usage,
 )
 from services.chat.guards import ChatGuards, Principal, estimate_turn_tokens
+from services.chat.guards.usage import usage_row
 from services.chat.peers import ROLE_NAMES, MemoryPeer, PromptMessage
 from services.chat.summary import Summarizer
 from services.chat.telemetry import TurnMetrics
@@ -131,10 +132,15 @@ class ChatCore:
         session_id = session.conversation_id
         yield SessionStarted(session_id)
 
-        with step("persist_message"):
-            await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
-        with step("context"):
-            ctx = await self.assemble(req, session_id, session.summary)
+        lookups = self.start_lookups(req)  # recall and document search need only the message: they start now
+        try:
+            with step("persist_message"):
+                await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
+            with step("context"):
+                ctx = await self.assemble(req, session_id, session.summary, lookups)
+        except BaseException:
+            lookups.cancel()
+            raise
         model = req.options.model or await self.agent.catalog.default_model()
         use_cache = g.cache.enabled and not req.options.skip_cache
         if use_cache:
@@ -203,14 +209,14 @@ class ChatCore:
         if not state.pending and not cache_hit:
             summary_call = await self._summarize(user_id, session, 1 + len(stored), ctx.window + len(stored),
                                                  state.model)
-        await asyncio.gather(*(
-            g.usage.record(
+        await g.usage.record_many([
+            usage_row(
                 user_id=user_id, model=call.model, provider=call.provider, prompt_tokens=call.prompt_tokens,
                 completion_tokens=call.completion_tokens, cost_usd=call.cost_usd if call.priced else None,
                 priced=call.priced, estimated=call.estimated, latency_ms=call.latency_ms, cache_hit=False,
                 tool_called=tools_called, kind=kind, session_id=session_id, request_id=request_id)
             for call, kind in [(c, "generate") for c in calls] + ([(summary_call, "summary")] if summary_call else [])
-        ))
+        ])
         if summary_call:
             usage.add(summary_call.prompt_tokens, summary_call.completion_tokens, summary_call.cost_usd,
                       summary_call.priced, summary_call.estimated)
@@ -255,32 +261,33 @@ class ChatCore:
             _log.warning("summary_failed", error=exc.message)
             return None
 
-    async def assemble(self, req: TurnRequest, session_id: str, summary: str) -> AssembledContext:
-        """System prompt + summary + recalled memories + the recent window (which ends with this message).
+    def start_lookups(self, req: TurnRequest) -> Lookups:
+        """Start recall and document search for this message (they run while the turn is persisted).
 
-        The window, recall and document search are three memory calls made together. Recall must not return
-        what is already in the window, which is only known once the window is: it asks for RECALL_SLACK more
-        hits than it keeps and drops the window's; only if that leaves too few does it ask again, excluding them.
+        Recall must not return what will be in the window, which is only known once the window is: it asks for
+        RECALL_SLACK more hits than it keeps; `assemble` drops the window's and, only if that leaves too few, asks
+        again excluding them.
         """
-        warnings: list[str] = []
         use_recall = bool(self.settings.recall_top_k) and not req.options.disable_recall
         use_documents = bool(self.settings.document_top_k) and not req.options.disable_recall
-        recall = asyncio.ensure_future(self._recall(req, [], self.settings.recall_top_k + RECALL_SLACK, warnings)
-                                       if use_recall else _nothing())
-        documents = asyncio.ensure_future(self._documents(req, warnings) if use_documents else _nothing())
-        try:
-            history = await self.memory.history(req.user_id, session_id, self.settings.history_token_budget)
-        except BaseException:
-            recall.cancel()
-            documents.cancel()
-            raise
+        warnings: list[str] = []
+        return Lookups(
+            asyncio.ensure_future(self._recall(req, [], self.settings.recall_top_k + RECALL_SLACK, warnings)
+                                  if use_recall else _nothing()),
+            asyncio.ensure_future(self._documents(req, warnings) if use_documents else _nothing()),
+            warnings, use_recall)
+
+    async def assemble(self, req: TurnRequest, session_id: str, summary: str, lookups: Lookups) -> AssembledContext:
+        """System prompt + summary + recalled memories + the recent window (which ends with this message)."""
+        history = await self.memory.history(req.user_id, session_id, self.settings.history_token_budget)
+        warnings = lookups.warnings
         if not history:  # this message alone is over the history budget: it is still what the model must answer
             history = [PromptMessage("user", req.message)]
         in_window = {m.message_id for m in history if m.message_id}
-        hits = await recall
+        hits = await lookups.recall
         kept = [h for h in hits if h.message.message_id not in in_window][: self.settings.recall_top_k]
         more_exist = len(hits) == self.settings.recall_top_k + RECALL_SLACK
-        if use_recall and more_exist and len(kept) < self.settings.recall_top_k:
+        if lookups.use_recall and more_exist and len(kept) < self.settings.recall_top_k:
             kept = await self._recall(req, sorted(in_window), self.settings.recall_top_k, warnings)
         memory = [
             MemoryItem(
@@ -290,7 +297,7 @@ class ChatCore:
             )
             for h in kept
         ]
-        documents = await documents
+        documents = await lookups.documents
         system = self.settings.system_prompt
         if summary:
             system += f"\n\nSummary of the earlier conversation:\n{summary}"
@@ -327,6 +334,20 @@ class ChatCore:
         return [MemoryItem(source="document", content=c.content, score=c.score, origin_id=c.document_id, role="",
                            created_at=None)
                 for c in chunks if c.score >= self.settings.document_min_score]
+
+
+@dataclass
+class Lookups:
+    """Recall and document search of one turn, started before the window is read."""
+
+    recall: asyncio.Future
+    documents: asyncio.Future
+    warnings: list[str]
+    use_recall: bool
+
+    def cancel(self) -> None:
+        self.recall.cancel()
+        self.documents.cancel()
 
 
 async def _nothing() -> list:

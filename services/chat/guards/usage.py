@@ -41,43 +41,22 @@ class UsageRecorder:
             "parley_chat_usage_record_failures_total", "Usage rows that could not be written.", ["kind"]
         )
 
-    async def record(
-        self,
-        *,
-        user_id: str,
-        model: str,
-        provider: str = "",
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        cost_usd: float | None = None,
-        priced: bool = False,
-        estimated: bool = False,
-        latency_ms: float = 0.0,
-        cache_hit: bool = False,
-        tool_called: str | None = None,
-        kind: UsageKind = "generate",
-        session_id: str = "",
-        request_id: str = "",
-    ) -> bool:
-        """Write one row; `cost_usd=None` (or `priced=False`) means the model is unpriced.
+    async def record(self, **fields) -> bool:
+        """Write one row (the fields of `usage_row`). Returns False (after logging) when it could not be written."""
+        return await self.record_many([usage_row(**fields)])
 
-        Returns False (after logging) when the row could not be written.
-        """
-        if kind not in ("generate", "summary", "cache"):
-            raise ValueError(f"unknown usage kind {kind!r}")
-        params = dict(
-            user_id=user_id, session_id=_uuid_or_none(session_id), request_id=request_id,
-            model=model, provider=provider, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            cost_usd=cost_usd if priced else None, priced=priced and cost_usd is not None, estimated=estimated,
-            latency_ms=latency_ms, cache_hit=cache_hit, tool_called=tool_called, kind=kind,
-        )
+    async def record_many(self, rows: list[dict]) -> bool:
+        """Write the rows of one turn (from `usage_row`) in one statement, in order."""
+        if not rows:
+            return True
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(_INSERT, params)
+                await conn.execute(_INSERT, rows)
         except (SQLAlchemyError, OSError) as exc:
-            self._failures.labels(kind).inc()
-            _log.error("usage_record_failed", user_id=user_id, model=model, kind=kind, cost_usd=cost_usd,
-                       error=f"{type(exc).__name__}: {exc}")
+            for row in rows:
+                self._failures.labels(row["kind"]).inc()
+                _log.error("usage_record_failed", user_id=row["user_id"], model=row["model"], kind=row["kind"],
+                           cost_usd=row["cost_usd"], error=f"{type(exc).__name__}: {exc}")
             return False
         return True
 
@@ -89,6 +68,34 @@ class UsageRecorder:
                 {"u": user_id, "s": since},
             )
         return float(value or 0)
+
+
+def usage_row(
+    *,
+    user_id: str,
+    model: str,
+    provider: str = "",
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    cost_usd: float | None = None,
+    priced: bool = False,
+    estimated: bool = False,
+    latency_ms: float = 0.0,
+    cache_hit: bool = False,
+    tool_called: str | None = None,
+    kind: UsageKind = "generate",
+    session_id: str = "",
+    request_id: str = "",
+) -> dict:
+    """One usage row; `cost_usd=None` (or `priced=False`) means the model is unpriced."""
+    if kind not in ("generate", "summary", "cache"):
+        raise ValueError(f"unknown usage kind {kind!r}")
+    return dict(
+        user_id=user_id, session_id=_uuid_or_none(session_id), request_id=request_id,
+        model=model, provider=provider, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        cost_usd=cost_usd if priced else None, priced=priced and cost_usd is not None, estimated=estimated,
+        latency_ms=latency_ms, cache_hit=cache_hit, tool_called=tool_called, kind=kind,
+    )
 
 
 def _uuid_or_none(value: str) -> uuid.UUID | None:
