@@ -124,16 +124,15 @@ class ChatCore:
             await g.limits.acquire(req.user_id, estimate_turn_tokens(
                 req.message, self.settings, req.options.max_tokens, self.default_max_tokens))
             await g.budget.check(req.user_id)
-        with step("session"):
-            if req.session_id:
-                session = await self.memory.get_session(req.user_id, req.session_id)  # NOT_FOUND if not the user's
-            else:
-                session = await self.memory.create_session(req.user_id, title=req.message[:80])
-        session_id = session.conversation_id
-        yield SessionStarted(session_id)
-
         lookups = self.start_lookups(req)  # recall and document search need only the message: they start now
         try:
+            with step("session"):
+                if req.session_id:  # NOT_FOUND if not the user's
+                    session = await self.memory.get_session(req.user_id, req.session_id)
+                else:
+                    session = await self.memory.create_session(req.user_id, title=req.message[:80])
+            session_id = session.conversation_id
+            yield SessionStarted(session_id)
             with step("persist_message"):
                 await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
             with step("context"):
@@ -262,7 +261,8 @@ class ChatCore:
             return None
 
     def start_lookups(self, req: TurnRequest) -> Lookups:
-        """Start recall and document search for this message (they run while the turn is persisted).
+        """Start recall and document search for this message (they run while the session is read and the message
+        persisted).
 
         Recall must not return what will be in the window, which is only known once the window is: it asks for
         RECALL_SLACK more hits than it keeps; `assemble` drops the window's and, only if that leaves too few, asks
