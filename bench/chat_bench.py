@@ -3,12 +3,13 @@
 The whole stack (chat, memory, tools, inference; real PostgreSQL+pgvector, real Redis, the real
 embedding model) runs in one process against an instant OpenAI-compatible upstream model (a
 separate process, bench/inference/upstream.py, answering at once). Each session sends turns one
-after another; sessions run concurrently. Reported: turn latency p50/p99 at 1, 10 and 50
+after another, optionally pausing between them like a person reading and typing (`--think-ms`, exponentially
+distributed, mean given; 0: back to back, which measures saturation); sessions run concurrently. Reported: turn latency p50/p99 at 1, 10 and 50
 concurrent sessions, and the mean time of each step of the turn (from the chat service's
 `parley_chat_turn_step_seconds` histogram). Baseline named: the chat issue's goal, p50 <= 15 ms
 and p99 <= 50 ms at 50 sessions.
 
-    .venv/bin/python -m bench.chat_bench [--turns 8] [--concurrency 1 10 50]
+    .venv/bin/python -m bench.chat_bench [--turns 8] [--concurrency 1 10 50] [--think-ms 0]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -51,12 +53,15 @@ def scrape_steps(port: int) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-async def run_level(stub, sessions: int, turns: int, tag: str) -> list[float]:
+async def run_level(stub, sessions: int, turns: int, tag: str, think_ms: float = 0.0) -> list[float]:
     latencies: list[float] = []
+    rng = random.Random(sessions)
 
     async def session(i: int) -> None:
         sid = ""
         for t in range(turns):
+            if think_ms:  # also before the first turn, so sessions do not start in lockstep
+                await asyncio.sleep(rng.expovariate(1000 / think_ms))
             started = time.perf_counter()
             r = await stub.Chat(pb.ChatRequest(user_id=f"bench-{tag}-{i}", session_id=sid,
                                                message=f"Question {t} from session {i}: what should I do today?",
@@ -92,7 +97,7 @@ async def main(args: argparse.Namespace) -> None:
                 for level in args.concurrency:
                     before = scrape_steps(metrics_port)
                     started = time.perf_counter()
-                    lat = await run_level(stub, level, args.turns, f"c{level}")
+                    lat = await run_level(stub, level, args.turns, f"c{level}", args.think_ms)
                     elapsed = time.perf_counter() - started
                     after = scrape_steps(metrics_port)
                     rows.append((str(level), f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}", f"{len(lat) / elapsed:.0f}",
@@ -100,7 +105,8 @@ async def main(args: argparse.Namespace) -> None:
                     means = {step: (after[step][0] - before.get(step, (0, 0))[0]) /
                              max(1.0, after[step][1] - before.get(step, (0, 0))[1]) * 1000 for step in after}
                     steps_rows.append((str(level), *(f"{means.get(s, 0):.2f}" for s in STEPS)))
-                print("== chat turn overhead (instant upstream model, real stack)")
+                mode = f"mean think time {args.think_ms:g} ms between turns" if args.think_ms else "back to back"
+                print(f"== chat turn overhead (instant upstream model, real stack; turns {mode})")
                 print(table(rows, ("sessions", "p50 ms", "p99 ms", "turns/s", "turns")))
                 print("goal: p50 <= 15 ms, p99 <= 50 ms at 50 sessions")
                 print("\n== mean time per step (ms)")
@@ -118,4 +124,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=8, help="turns per session")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--think-ms", type=float, default=0.0,
+                        help="mean pause of a session between turns (exponential); 0: back to back")
     asyncio.run(main(parser.parse_args()))

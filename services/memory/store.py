@@ -154,35 +154,34 @@ class MemoryStore:
     async def append_messages(
         self, user_id: str, conversation_id: uuid.UUID, messages: list[NewMessage], token_counts: list[int]
     ) -> list[Message] | None:
-        """Insert a turn in one transaction; None (and nothing written) when the conversation is not the user's."""
-        async with self.engine.begin() as conn:
-            owner = (
-                await conn.execute(
-                    text(
-                        "UPDATE conversations SET message_count = message_count + :n, updated_at = now() "
-                        "WHERE id = :id AND user_id = :user_id RETURNING id"
-                    ),
-                    {"n": len(messages), "id": conversation_id, "user_id": user_id},
-                )
-            ).one_or_none()
-            if owner is None:
-                return None
+        """Insert a turn atomically; None (and nothing written) when the conversation is not the user's.
+
+        One statement (its own transaction): the conversation's counters are bumped by a data-modifying CTE that
+        only matches the caller's conversation, and the messages are inserted only if it did — one round trip.
+        """
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             rows = await conn.execute(
                 text(
                     f"""
+                    WITH owner AS (
+                        UPDATE conversations SET message_count = message_count + :n, updated_at = now()
+                        WHERE id = :conversation_id AND user_id = :user_id RETURNING id
+                    )
                     INSERT INTO messages (id, conversation_id, user_id, role, content, tool_calls, tool_call_id,
                                           token_count, metadata)
-                    SELECT m.id, :conversation_id, :user_id, m.role, m.content, m.tool_calls::jsonb, m.tool_call_id,
+                    SELECT m.id, owner.id, :user_id, m.role, m.content, m.tool_calls::jsonb, m.tool_call_id,
                            m.token_count, m.metadata::jsonb
-                    FROM unnest(CAST(:ids AS uuid[]), CAST(:roles AS smallint[]), CAST(:contents AS text[]),
-                                CAST(:tool_calls AS text[]), CAST(:tool_call_ids AS text[]),
-                                CAST(:token_counts AS int[]), CAST(:metadatas AS text[]))
+                    FROM owner, unnest(CAST(:ids AS uuid[]), CAST(:roles AS smallint[]), CAST(:contents AS text[]),
+                                       CAST(:tool_calls AS text[]), CAST(:tool_call_ids AS text[]),
+                                       CAST(:token_counts AS int[]), CAST(:metadatas AS text[]))
                          WITH ORDINALITY AS m(id, role, content, tool_calls, tool_call_id, token_count, metadata, ord)
                     ORDER BY m.ord
                     RETURNING {_MESSAGE_COLUMNS}
                     """
                 ),
                 {
+                    "n": len(messages),
                     "conversation_id": conversation_id,
                     "user_id": user_id,
                     "ids": [uuid.uuid4() for _ in messages],
@@ -195,7 +194,7 @@ class MemoryStore:
                 },
             )
             stored = sorted((_message(r) for r in rows), key=lambda m: m.seq)
-        return stored
+        return stored or None
 
     async def set_embeddings(self, ids: list[uuid.UUID], vectors: list[list[float]]) -> None:
         if not ids:
