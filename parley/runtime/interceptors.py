@@ -55,13 +55,20 @@ def _incoming_request_id(metadata) -> str:
 
 
 class _Call:
-    """Bookkeeping of one RPC: binds the request id, times it, records the outcome."""
+    """Bookkeeping of one RPC: binds the request id, times it, records the outcome.
 
-    def __init__(self, metrics: Metrics, service: str, method: str, request_id: str) -> None:
+    The outcome (request count, latency, the access log line) is recorded when gRPC reports the RPC terminated,
+    i.e. after its status went out: the client does not wait for Parley's own bookkeeping.
+    """
+
+    def __init__(self, metrics: Metrics, service: str, method: str, request_id: str,
+                 context: grpc.aio.ServicerContext) -> None:
         self.metrics, self.service, self.method, self.request_id = metrics, service, method, request_id
         self.code = "OK"
         self.started = time.perf_counter()
+        self.elapsed: float | None = None
         self._tokens: list[Any] = []
+        context.add_done_callback(self._record)
 
     def __enter__(self) -> _Call:
         self._tokens.append(REQUEST_ID.set(self.request_id))
@@ -69,13 +76,18 @@ class _Call:
         return self
 
     def __exit__(self, *exc) -> None:
-        elapsed = time.perf_counter() - self.started
-        self.metrics.rpc_requests.labels(self.service, self.method, self.code).inc()
-        self.metrics.rpc_latency.labels(self.service, self.method, self.code).observe(elapsed)
-        if self.service not in _QUIET_SERVICES:
-            _log.info("rpc", service=self.service, method=self.method, code=self.code, ms=round(elapsed * 1000, 2))
+        self.elapsed = time.perf_counter() - self.started
         structlog.contextvars.unbind_contextvars("request_id")
         REQUEST_ID.reset(self._tokens.pop())
+
+    def _record(self, _context: grpc.aio.ServicerContext) -> None:
+        if self.elapsed is None:  # the RPC ended while its handler was parked at a `yield`: the client went away
+            self.elapsed, self.code = time.perf_counter() - self.started, "CANCELLED"
+        self.metrics.rpc_requests.labels(self.service, self.method, self.code).inc()
+        self.metrics.rpc_latency.labels(self.service, self.method, self.code).observe(self.elapsed)
+        if self.service not in _QUIET_SERVICES:
+            _log.info("rpc", service=self.service, method=self.method, code=self.code,
+                      ms=round(self.elapsed * 1000, 2), request_id=self.request_id)
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         """Abort the RPC with the status for `exc` (always raises)."""
@@ -125,7 +137,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             behavior = handler.unary_unary
 
             async def unary_unary(request, context):
-                with _Call(metrics, service, method, request_id) as call:
+                with _Call(metrics, service, method, request_id, context) as call:
                     await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
                     try:
                         internal.check(service, metadata, context)
@@ -146,7 +158,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             stream_behavior = handler.unary_stream
 
             async def unary_stream(request, context) -> AsyncIterator[Any]:
-                with _Call(metrics, service, method, request_id) as call:
+                with _Call(metrics, service, method, request_id, context) as call:
                     await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
                     try:
                         internal.check(service, metadata, context)

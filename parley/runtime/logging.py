@@ -33,6 +33,10 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
+    # The JSON lines carry only the event dict, never the record's call site, thread or process: stop the stdlib
+    # from collecting them for every record (the logging HOWTO's "Optimization"; ~20% of a line's cost).
+    logging._srcfile = None  # noqa: SLF001 - the documented switch for call-site lookup
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every RPC's peer: the same few hosts again and again
 def is_loopback(host: str) -> bool:
     """True for localhost, 127.0.0.0/8 and ::1; False for host names and all-interfaces ('' / 0.0.0.0)."""
     host = host.strip().strip("[]")

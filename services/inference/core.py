@@ -74,6 +74,7 @@ class InferenceCore:
         self.cooldowns = Cooldowns(settings.cooldown_failures, settings.cooldown_s)
         self.retry = RetryPolicy(settings.retry_initial_backoff_s, settings.retry_max_backoff_s)
         self._reachable: dict[str, tuple[bool, float]] = {}
+        self._prices = {name: self._price_of(b.route) for name, b in backends.items()}  # the table is fixed
 
     # -- routing ------------------------------------------------------------------------------------
     def resolve(self, model: str) -> Backend:
@@ -94,6 +95,9 @@ class InferenceCore:
 
     def pricing(self, route: Route) -> Pricing | None:
         """The route's price; the local model is free (a price of 0, not a missing price)."""
+        return self._prices[route.name]
+
+    def _price_of(self, route: Route) -> Pricing | None:
         found = self.prices.price(route.name, route.provider_model)
         return FREE if found is None and route.provider == "local" else found
 
@@ -335,6 +339,6 @@ async def coalesce(events: AsyncIterator) -> AsyncIterator:
                 item = TextDelta("".join(texts))
             yield item
     finally:
-        if not task.done():
+        if not task.done():  # the consumer stopped early: stop reading the provider (a finished pump needs nothing)
             task.cancel()
-        await asyncio.wait([task])
+            await asyncio.wait([task])

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
 from parley.runtime.metrics import LATENCY_BUCKETS, Metrics
 from services.inference.domain import Response
 
 TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_BOOL = {False: "false", True: "true"}
 
 
 class InferenceMetrics:
@@ -46,17 +51,28 @@ class InferenceMetrics:
             ["model", "provider"],
             buckets=TPS_BUCKETS,
         )
+        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
 
     def record(self, response: Response, streamed: bool) -> None:
-        model, provider, usage = response.model, response.provider, response.usage
-        self.tokens.labels(model, provider, "prompt").inc(usage.prompt_tokens)
-        self.tokens.labels(model, provider, "completion").inc(usage.completion_tokens)
+        model, provider, usage, timing = response.model, response.provider, response.usage, response.timing
+        child = self._child
+        child(self.tokens, model, provider, "prompt").inc(usage.prompt_tokens)
+        child(self.tokens, model, provider, "completion").inc(usage.completion_tokens)
         if usage.cached_prompt_tokens:
-            self.tokens.labels(model, provider, "cached_prompt").inc(usage.cached_prompt_tokens)
+            child(self.tokens, model, provider, "cached_prompt").inc(usage.cached_prompt_tokens)
         if usage.cost.priced:
-            self.cost.labels(model, provider).inc(usage.cost.usd)
-        self.calls.labels(model, provider, str(usage.cost.priced).lower(), str(usage.estimated).lower()).inc()
+            child(self.cost, model, provider).inc(usage.cost.usd)
+        child(self.calls, model, provider, _BOOL[usage.cost.priced], _BOOL[usage.estimated]).inc()
         if streamed:
-            self.ttft.labels(model, provider).observe(response.timing.time_to_first_token_ms / 1000)
-            if response.timing.decode_tokens_per_second > 0:
-                self.decode_tps.labels(model, provider).observe(response.timing.decode_tokens_per_second)
+            child(self.ttft, model, provider).observe(timing.time_to_first_token_ms / 1000)
+            if timing.decode_tokens_per_second > 0:
+                child(self.decode_tps, model, provider).observe(timing.decode_tokens_per_second)
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set: the client's lookup (validation, a lock) is
+        several times dearer than this dict, and a series still appears only when first used."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible path (the official `openai` SDK) against real servers on loopback:
+"""The OpenAI-compatible path (plain HTTP over httpx2) against real servers on loopback:
 llama.cpp's own OpenAI-compatible server serving the same GGUF, and the instant upstream."""
 
 from __future__ import annotations

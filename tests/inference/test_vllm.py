@@ -1,4 +1,4 @@
-"""The vLLM adapter (the `openai` SDK plus vLLM's own endpoints), its HTTP transport answering with
+"""The vLLM adapter (the OpenAI-compatible adapter plus vLLM's own endpoints), its HTTP transport answering with
 payloads written from vLLM's documented API (no GPU here to run vLLM itself):
 
 - OpenAI-compatible server, extra request parameters and the tokenizer API (`POST /tokenize` ->

@@ -1,17 +1,27 @@
-"""OpenAI and any OpenAI-compatible server (vLLM, llama.cpp's server, Ollama) through the `openai` SDK.
+"""OpenAI and any OpenAI-compatible server (vLLM, llama.cpp's server, Ollama), over httpx2.
 
 Wire format: Chat Completions (https://platform.openai.com/docs/api-reference/chat). Streams ask
 for usage (`stream_options.include_usage`): it arrives on a last chunk with no choices. Servers
 that ignore the option send none; the core then estimates it and marks it so.
+
+The calls are plain HTTP with the pooled httpx2 client, the stream parsed by httpx2's own SSE
+decoder: the `openai` SDK's request building, auth wrapper and stream classes cost about as much CPU
+per stream as the HTTP exchange itself, and this adapter needs none of its types. What the SDK did
+for us is kept: `Authorization: Bearer`, the `OPENAI_BASE_URL` / `OPENAI_ORG_ID` / `OPENAI_PROJECT_ID`
+environment variables, an `error` object inside a stream, and the rest of the body read after
+`[DONE]` so the keep-alive connection is reused.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
-import openai
 
 from services.inference.domain import (
     Completion,
@@ -43,6 +53,8 @@ from services.inference.providers.base import retry_after as retry_after_of
 from services.inference.routes import Route
 from services.inference.tokens import UsageEstimator
 
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+DRAIN_S = 0.1  # after [DONE]: how long to wait for the end of the body (normally already there)
 FINISH = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
@@ -61,16 +73,42 @@ def http_client(connect_timeout_s: float, timeout_s: float, transport: Any = Non
     )
 
 
-def openai_error(exc: Exception) -> ProviderError:
-    if isinstance(exc, openai.APITimeoutError):
+class StatusError(Exception):
+    """The provider answered an HTTP error status (its body already read)."""
+
+    def __init__(self, response: httpx2.Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+class StreamError(Exception):
+    """An `error` object inside a stream (OpenAI's way of failing after the 200)."""
+
+    def __init__(self, error: object) -> None:
+        message = error.get("message") if isinstance(error, dict) else None
+        super().__init__(message if isinstance(message, str) and message else "An error occurred during streaming")
+
+
+def provider_error(exc: Exception) -> ProviderError:
+    """The one mapping of this adapter's failures (HTTP status, transport, stream contents) to provider errors."""
+    if isinstance(exc, StatusError):
+        r = exc.response
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        message = body_message(body, f"Error code: {r.status_code}")
+        return ProviderError(kind_for_status(r.status_code), message, r.status_code, retry_after_of(r.headers))
+    if isinstance(exc, httpx2.TimeoutException):
         return ProviderError(TIMEOUT, "the provider did not answer in time")
-    if isinstance(exc, openai.APIConnectionError):
-        return ProviderError(CONNECTION, f"cannot reach the provider: {exc.__cause__ or exc}")
-    if isinstance(exc, openai.APIStatusError):
-        return ProviderError(kind_for_status(exc.status_code), body_message(exc.body, exc.message), exc.status_code,
-                             retry_after_of(exc.response.headers))
-    if isinstance(exc, openai.APIError):  # an error event inside a stream
-        return ProviderError(OTHER, exc.message)
+    if isinstance(exc, httpx2.SSEError):  # e.g. a 200 that is not an event stream: not worth a retry
+        return ProviderError(OTHER, f"the provider's stream is malformed: {exc}")
+    if isinstance(exc, httpx2.HTTPError):
+        return ProviderError(CONNECTION, f"cannot reach the provider: {exc}")
+    if isinstance(exc, StreamError):
+        return ProviderError(OTHER, str(exc))
+    if isinstance(exc, ValueError):  # a body or chunk that is not JSON
+        return ProviderError(OTHER, f"the provider's answer is not JSON: {exc}")
     return ProviderError(OTHER, f"{type(exc).__name__}: {exc}")
 
 
@@ -120,10 +158,16 @@ class OpenAIProvider(Provider):
         self._default_max_tokens = default_max_tokens
         self._key = route.api_key()
         self._http = http_client(connect_timeout_s, timeout_s, transport)
-        self.client = openai.AsyncOpenAI(
-            api_key=self._key or "none", base_url=route.base_url, max_retries=0,  # retries: the core's tenacity
-            default_headers=route.headers or None, http_client=self._http,
-        )
+        base = (route.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        self._completions_url = httpx2.URL(f"{base}/chat/completions")
+        self._models_url = httpx2.URL(f"{base}/models")
+        # Built once: what the SDK sent (its key placeholder included), then the route's own headers on top.
+        self._headers = httpx2.Headers({"Authorization": f"Bearer {self._key or 'none'}",
+                                        "Accept": "application/json", "Content-Type": "application/json"})
+        for variable, header in (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project")):
+            if os.environ.get(variable):
+                self._headers[header] = os.environ[variable]
+        self._headers.update(route.headers or {})
         # api.openai.com wants max_completion_tokens (reasoning models reject max_tokens); servers want max_tokens.
         self._max_tokens_field = "max_completion_tokens" if route.base_url is None else "max_tokens"
 
@@ -165,35 +209,50 @@ class OpenAIProvider(Provider):
             body.update(self.route.extra_body)
         return body
 
-    async def _post(self, body: dict[str, Any], stream: bool) -> Any:
-        """The SDK's generic request method (its documented way to send any body): the SDK still does the
-        HTTP, headers, auth and error mapping, but answers and stream chunks stay plain dicts, which spares
-        building typed models for every chunk (most of the SDK's cost per stream on the hot path)."""
-        return await self.client.post("/chat/completions", body=body, cast_to=object, stream=stream,
-                                      stream_cls=openai.AsyncStream[object] if stream else None)
+    async def _post(self, body: dict[str, Any], *, stream: bool) -> httpx2.Response:
+        """POST a chat completion; an error status raises `StatusError` with its body read."""
+        request = self._http.build_request("POST", self._completions_url, headers=self._headers,
+                                           content=json.dumps(body).encode())
+        response = await self._http.send(request, stream=stream)
+        if response.is_error:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise StatusError(response)
+        return response
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Event]:
         self._require_key()
         reason, usage, calls = FinishReason.UNSPECIFIED, None, _CallAssembler()
         try:
-            chunks = await self._post(self.body(request, stream=True), stream=True)
-            async with chunks:  # closes the response when the caller stops early
-                async for chunk in chunks:
-                    if chunk.get("usage"):
-                        usage = _usage(chunk["usage"])
-                    for choice in chunk.get("choices") or ():
-                        delta = choice.get("delta")
-                        if delta:
-                            if delta.get("content"):
-                                yield TextDelta(delta["content"])
-                            if delta.get("tool_calls"):
-                                calls.add(delta["tool_calls"])
-                        if choice.get("finish_reason"):
-                            reason = FINISH.get(choice["finish_reason"], FinishReason.STOP)
-        except openai.OpenAIError as exc:
-            raise openai_error(exc) from exc
-        except httpx2.HTTPError as exc:  # a broken stream
-            raise ProviderError(CONNECTION, f"the stream broke: {exc}") from exc
+            response = await self._post(self.body(request, stream=True), stream=True)
+            try:  # closes the response when the caller stops early
+                async with contextlib.aclosing(aiter(httpx2.EventSource(response))) as events:
+                    async for sse in events:
+                        if not sse.data:
+                            continue
+                        if sse.data.startswith("[DONE]"):
+                            await _drain(events)
+                            break
+                        chunk = json.loads(sse.data)
+                        if chunk.get("error"):
+                            raise StreamError(chunk["error"])
+                        if chunk.get("usage"):
+                            usage = _usage(chunk["usage"])
+                        for choice in chunk.get("choices") or ():
+                            delta = choice.get("delta")
+                            if delta:
+                                if delta.get("content"):
+                                    yield TextDelta(delta["content"])
+                                if delta.get("tool_calls"):
+                                    calls.add(delta["tool_calls"])
+                            if choice.get("finish_reason"):
+                                reason = FINISH.get(choice["finish_reason"], FinishReason.STOP)
+            finally:
+                await response.aclose()
+        except (httpx2.HTTPError, StatusError, StreamError, ValueError) as exc:
+            raise provider_error(exc) from exc
         for call in calls.done():
             yield ToolCallEvent(call)
         if calls and reason is not FinishReason.LENGTH:
@@ -203,11 +262,9 @@ class OpenAIProvider(Provider):
     async def generate(self, request: GenerateRequest) -> Completion:
         self._require_key()
         try:
-            answer = await self._post(self.body(request, stream=False), stream=False)
-        except openai.OpenAIError as exc:
-            raise openai_error(exc) from exc
-        except httpx2.HTTPError as exc:
-            raise ProviderError(CONNECTION, f"the request broke: {exc}") from exc
+            answer = (await self._post(self.body(request, stream=False), stream=False)).json()
+        except (httpx2.HTTPError, StatusError, ValueError) as exc:
+            raise provider_error(exc) from exc
         choices = answer.get("choices") or []
         if not choices:
             return Completion("", [], Finish(FinishReason.UNSPECIFIED, _usage(answer.get("usage"))))
@@ -231,13 +288,22 @@ class OpenAIProvider(Provider):
         if self._key is None and self.route.base_url is None:
             return False
         try:
-            await self.client.models.list()
-        except openai.OpenAIError:
+            response = await self._http.get(self._models_url, headers=self._headers)
+        except httpx2.HTTPError:
             return False
-        return True
+        return not response.is_error
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+async def _drain(events: AsyncIterator[httpx2.ServerSentEvent]) -> None:
+    """Read what follows `[DONE]` (normally only the end of the body, already received), briefly: an HTTP/1.1
+    connection goes back to the pool only once its response was read to the end."""
+    with contextlib.suppress(TimeoutError, httpx2.HTTPError):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in events:
+                pass
 
 
 class _CallAssembler:

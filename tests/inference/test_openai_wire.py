@@ -1,0 +1,110 @@
+"""The OpenAI-compatible adapter on the wire (plain HTTP over httpx2, its SSE decoder), its transport answering
+with payloads written from the Chat Completions documentation:
+https://platform.openai.com/docs/api-reference/chat-streaming (chunks, tool-call deltas, the usage chunk) and
+https://platform.openai.com/docs/guides/error-codes (error bodies, Retry-After)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2
+import pytest
+
+from services.inference.domain import FinishReason, Message, Role, TextDelta, ToolCallEvent, ToolChoice, ToolDef
+from services.inference.providers.base import OTHER, RATE_LIMIT, SERVER, ProviderError
+from tests.inference.hosted import Recorder, ask, core_with, sse, streamed
+
+ROUTE = {"name": "gpt", "provider": "openai", "base_url": "http://upstream.test/v1", "api_key_env": "TEST_WIRE_KEY",
+         "headers": {"X-Team": "parley"}, "max_retries": 0}
+WEATHER = ToolDef("get_weather", "Current weather in a city.",
+                  {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+USAGE = {"prompt_tokens": 21, "completion_tokens": 9, "total_tokens": 30, "prompt_tokens_details": {"cached_tokens": 4}}
+
+
+def chunk(delta: dict | None = None, finish: str | None = None, **extra) -> dict:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+            "choices": choices, **extra}
+
+
+def done_stream(events: list[dict]) -> httpx2.Response:
+    response = sse([(None, e) for e in events])
+    return httpx2.Response(200, headers=response.headers, content=response.content + b"data: [DONE]\n\n")
+
+
+@pytest.fixture(autouse=True)
+def key(monkeypatch):
+    monkeypatch.setenv("TEST_WIRE_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-7")
+
+
+async def test_streamed_tool_call_fragments_are_assembled_and_usage_read_from_the_last_chunk():
+    fn = {"name": "get_weather", "arguments": ""}
+    recorder = Recorder(lambda r: done_stream([
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": fn}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"name": "get_weather", "arguments": 'ty": "Porto"}'}}]}),
+        chunk({}, "tool_calls"),
+        chunk(None, usage=USAGE),
+    ]))
+    core = await core_with(ROUTE, recorder)
+    out = await streamed(core, ask("gpt", Message(Role.USER, "Weather in Porto?"), tools=[WEATHER],
+                                   tool_choice=ToolChoice.AUTO))
+    (call,) = [e.call for e in out if isinstance(e, ToolCallEvent)]
+    assert (call.id, call.name, json.loads(call.arguments_json)) == ("call_1", "get_weather", {"city": "Porto"})
+    final = out[-1]
+    assert final.finish_reason is FinishReason.TOOL_CALLS and final.tool_calls == [call]
+    u = final.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens, u.estimated) == (21, 9, 4, False)
+
+
+async def test_the_request_carries_the_key_the_environment_and_the_route_headers():
+    recorder = Recorder(lambda r: done_stream([chunk({"content": "Hi"}, "stop"), chunk(None, usage=USAGE)]))
+    core = await core_with(ROUTE, recorder)
+    out = await streamed(core, ask("gpt", max_tokens=12))
+    assert "".join(e.text for e in out if isinstance(e, TextDelta)) == "Hi"
+    (request,) = recorder.requests
+    assert (request.method, str(request.url)) == ("POST", "http://upstream.test/v1/chat/completions")
+    h = request.headers
+    assert (h["authorization"], h["openai-organization"], h["x-team"]) == ("Bearer sk-test", "org-7", "parley")
+    assert h["content-type"] == "application/json"
+    body = json.loads(request.content)
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True} and body["max_tokens"] == 12
+
+
+async def test_an_error_object_inside_the_stream_is_a_provider_error():
+    recorder = Recorder(lambda r: done_stream([{"error": {"message": "the model is overloaded", "type": "server"}}]))
+    core = await core_with(ROUTE, recorder)
+    with pytest.raises(ProviderError) as raised:
+        await streamed(core.backends["gpt"].provider, ask("gpt"))
+    assert (raised.value.kind, raised.value.message) == (OTHER, "the model is overloaded")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_error_statuses_keep_kind_message_and_retry_after(stream):
+    answers = iter([
+        httpx2.Response(429, headers={"retry-after": "2"}, json={"error": {"message": "slow down", "type": "rate"}}),
+        httpx2.Response(500, text="upstream exploded"),
+    ])
+    core = await core_with(ROUTE, Recorder(lambda r: next(answers)))
+    provider = core.backends["gpt"].provider
+
+    async def call():
+        return await (streamed(provider, ask("gpt")) if stream else provider.generate(ask("gpt")))
+
+    with pytest.raises(ProviderError) as limited:
+        await call()
+    assert (limited.value.kind, limited.value.message, limited.value.status, limited.value.retry_after_s) == \
+        (RATE_LIMIT, "slow down", 429, 2.0)
+    with pytest.raises(ProviderError) as failed:
+        await call()
+    assert (failed.value.kind, failed.value.message) == (SERVER, "Error code: 500")  # as the openai SDK said
+
+
+async def test_a_success_that_is_not_an_event_stream_is_not_retried_as_a_network_failure():
+    recorder = Recorder(lambda r: httpx2.Response(200, json={"choices": []}))
+    core = await core_with(ROUTE, recorder)
+    with pytest.raises(ProviderError) as raised:
+        await streamed(core.backends["gpt"].provider, ask("gpt"))
+    assert raised.value.kind == OTHER and not raised.value.retryable and "text/event-stream" in raised.value.message
