@@ -230,10 +230,11 @@ class Agent:
 
     async def resume(self, state: AgentState, user_id: str, approved: bool, warnings: list[str]):
         """Continue a paused turn: run (or refuse) the pending calls, then let the model answer."""
-        calls, state.pending_calls, state.pending = state.pending_calls, [], []
+        calls, risky, state.pending_calls, state.pending = state.pending_calls, state.pending, [], []
         native = await self.catalog.native_tools(state.model)
-        names = {name for _, name, _ in calls}
-        async for event in self._execute(user_id, calls, state, native, denied=set() if approved else names):
+        # A denial refuses the side-effecting calls it was asked about; harmless calls of the same step still run.
+        denied = set() if approved else {p.tool_name for p in risky}
+        async for event in self._execute(user_id, calls, state, native, denied=denied):
             yield event
         async for event in self.run(state, user_id, warnings):
             yield event

@@ -238,14 +238,19 @@ async def test_a_side_effecting_tool_chosen_by_the_model_waits_for_approval(stac
     assert roles(kept) == ["user", "assistant", "tool", "tool", "assistant"]
     assert [c.name for c in kept[1].tool_calls] == ["post_note", "current_time"]
 
-    # Denied: the call does not run, and the model hears why.
-    stack.model.play(call(("post_note", {"text": "do not ship"})), say("Understood, nothing posted."))
+    # Denied: the side-effecting call does not run, and the model hears why; the harmless call of the same step
+    # still runs.
+    stack.model.play(call(("post_note", {"text": "do not ship"}), ("current_time", {})),
+                     say("Understood, nothing posted."))
     paused = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Post 'do not ship' on the board."))
     denied = (await stack.chat.ResolveApproval(pb.ResolveApprovalRequest(
         user_id=user, approval_id=paused.pending_approvals[0].approval_id, decision=pb.DECISION_DENY))).response
     assert NOTES == ["ship it"], "a denied call does not run"
-    assert "denied" in denied.tool_calls[0].error and denied.response == "Understood, nothing posted."
-    assert "denied" in json.loads(stack.model.requests[-1].messages[-1].content)["error"]
+    outcome = {t.name: t.error for t in denied.tool_calls}
+    assert "denied" in outcome["post_note"] and outcome["current_time"] == ""
+    assert denied.response == "Understood, nothing posted."
+    results = [json.loads(m.content) for m in stack.model.requests[-1].messages if m.tool_call_id]
+    assert "denied" in results[0]["error"] and "error" not in results[1]
 
 
 def summary_requests(model: ScriptedProvider) -> list:
