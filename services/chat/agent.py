@@ -77,7 +77,7 @@ class AgentState:
             "max_tokens": self.max_tokens, "temperature": self.temperature, "use_tools": self.use_tools,
             "step": self.step, "context_size": self.context_size,
             "transcript": [m.__dict__ for m in self.transcript], "records": [r.__dict__ for r in self.records],
-            "pending_calls": self.pending_calls,
+            "pending_calls": self.pending_calls, "pending": [p.__dict__ for p in self.pending],
             "usage": self.usage.__dict__, "calls": [c.__dict__ for c in self.calls],
         })
 
@@ -90,6 +90,7 @@ class AgentState:
         state.transcript = [PromptMessage(**m) for m in d["transcript"]]
         state.records = [ToolCallRecord(**r) for r in d["records"]]
         state.pending_calls = [tuple(c) for c in d["pending_calls"]]
+        state.pending = [PendingApproval(**p) for p in d.get("pending", [])]
         state.usage = Usage(**d["usage"])
         state.calls = [ModelCall(**c) for c in d["calls"]]
         return state
@@ -232,8 +233,9 @@ class Agent:
         """Continue a paused turn: run (or refuse) the pending calls, then let the model answer."""
         calls, risky, state.pending_calls, state.pending = state.pending_calls, state.pending, [], []
         native = await self.catalog.native_tools(state.model)
-        # A denial refuses the side-effecting calls it was asked about; harmless calls of the same step still run.
-        denied = set() if approved else {p.tool_name for p in risky}
+        # A denial refuses the side-effecting calls it was asked about; harmless calls of the same step still run
+        # (a state saved without that list refuses every call of the step).
+        denied = set() if approved else {p.tool_name for p in risky} or {name for _, name, _ in calls}
         async for event in self._execute(user_id, calls, state, native, denied=denied):
             yield event
         async for event in self.run(state, user_id, warnings):
