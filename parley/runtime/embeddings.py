@@ -92,7 +92,12 @@ class Embedder:
                 _log.warning("embedding_onnx_unsupported", reason=why_not, fallback="torch")
                 return model, None
             cache = onnx_cache_dir or onnx_encoder.default_cache_dir()
-            return model, onnx_encoder.OnnxEncoder.build(model, path, cache, threads)
+            try:
+                return model, onnx_encoder.OnnxEncoder.build(model, path, cache, threads)
+            except Exception as exc:  # noqa: BLE001 - e.g. a read-only cache folder: torch gives the same vectors
+                _log.warning("embedding_onnx_failed", error=f"{type(exc).__name__}: {exc}", cache=str(cache),
+                             fallback="torch")
+                return model, None
 
         task = asyncio.ensure_future(asyncio.to_thread(_load))
         while not task.done():

@@ -72,6 +72,18 @@ async def test_a_model_onnx_cannot_take_falls_back_to_torch(tmp_path):
     assert not list(tmp_path.rglob("*.onnx")), "nothing exported"
 
 
+async def test_an_unwritable_cache_falls_back_to_torch(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    embedder = await Embedder.load(None, batch_size=8, max_wait_ms=1, backend="onnx", onnx_cache_dir=blocked / "x")
+    assert embedder.backend == "torch"
+    embedder.start()
+    try:
+        assert (await embedder.embed(["still embedded"])).shape == (1, 384)
+    finally:
+        await embedder.close()
+
+
 @pytest.fixture(scope="module")
 async def core(database_url, runtimes):
     await migrate(database_url)
