@@ -193,16 +193,16 @@ class ChatCore:
         g = self.guards
         user_id, session_id = req.user_id, session.conversation_id
         answer = state.text.strip()
-        to_store, calls, usage = list(state.transcript), list(state.calls), state.usage
+        to_store, calls, usage, records = list(state.transcript), list(state.calls), state.usage, list(state.records)
         if state.pending:
-            # What this part stores and accounts for is done here: the resumed turn must not store, record
-            # or charge it again, only what it adds.
-            state.transcript, state.calls, state.usage = [], [], Usage()
+            # What this part stores, reports and accounts for is done here: the resumed turn must not store,
+            # list, record or charge it again, only what it adds.
+            state.transcript, state.calls, state.usage, state.records = [], [], Usage(), []
             await self.approvals.save(state.pending[0].approval_id, user_id, session_id, state.to_json())
         else:
             to_store.append(PromptMessage("assistant", answer or "(no answer)"))
         stored = await self.memory.append(user_id, session_id, to_store) if to_store else []
-        tools_called = ",".join(r.name for r in state.records) or None
+        tools_called = ",".join(r.name for r in records) or None
         request_id = req.request_id or current_request_id() or ""  # one id per turn in the usage rows
         summary_call = None
         if not state.pending and not cache_hit:
@@ -228,7 +228,7 @@ class ChatCore:
                              g.budget.charge(user_id, usage.cost_usd if usage.priced else None))
         result = TurnResult(
             response=answer, model=state.served_model, session_id=session_id, context_size=state.context_size,
-            memory=ctx.memory, tool_calls=state.records, usage=usage, provider=state.provider, cache_hit=cache_hit,
+            memory=ctx.memory, tool_calls=records, usage=usage, provider=state.provider, cache_hit=cache_hit,
             pending_approvals=state.pending, message_id=stored[-1].message_id if stored and not state.pending else "",
             warnings=ctx.warnings, latency_ms=(time.perf_counter() - started) * 1000,
         )

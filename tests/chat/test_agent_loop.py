@@ -335,3 +335,18 @@ async def test_a_message_over_the_history_budget_still_reaches_the_model(stack):
     assert r.response == "Kept in mind."
     [prompt] = stack.model.requests
     assert [m.content for m in prompt.messages[1:]] == [long]
+
+
+async def test_each_part_of_a_paused_turn_reports_its_own_tool_calls(stack):
+    """A tool that ran before the pause is reported by the paused response, not again by the resumed one."""
+    user = uid()
+    NOTES.clear()
+    stack.model.play(call(("calculator", {"expression": "6 * 7"})), call(("post_note", {"text": "42"})))
+    paused = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Compute 6*7, then post it."))
+    assert [t.name for t in paused.tool_calls] == ["calculator"] and len(paused.pending_approvals) == 1
+    stack.model.play(say("Posted 42."))
+    done = (await stack.chat.ResolveApproval(pb.ResolveApprovalRequest(
+        user_id=user, approval_id=paused.pending_approvals[0].approval_id, decision=pb.DECISION_APPROVE))).response
+    assert [t.name for t in done.tool_calls] == ["post_note"] and NOTES == ["42"]
+    rows = await usage_rows(stack, user)
+    assert [r.tool_called for r in rows] == ["calculator", "calculator", "post_note"]
