@@ -18,4 +18,5 @@ bench: bootstrap
 	.venv/bin/pip install --quiet --find-links "$${PARLEY_WHEELHOUSE:-$$HOME/.cache/parley/wheels}" -e '.[dev,bench]'
 	.venv/bin/python -m bench.memory_bench
 	.venv/bin/python -m bench.chat_bench
+	.venv/bin/python -m bench.chat_bench --think-ms 2000
 	.venv/bin/python -m bench.inference.local_model
