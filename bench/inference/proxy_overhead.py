@@ -7,6 +7,7 @@ path the same streamed completion. A client process streams chat completions:
   (c) through LiteLLM's proxy (`litellm[proxy]`, its own process and venv: bench/inference/.venv-litellm),
 at 1, 16 and 64 concurrent streams. Added latency = a path's percentile minus the direct path's.
 
+    .venv/bin/pip install -e '.[bench]'    # the `openai` SDK, the direct path's client
     .venv/bin/python -m bench.inference.proxy_overhead [--seconds 8] [--tokens 8] [--log-level INFO]
 
 LiteLLM runs from its own venv (never Parley's dependencies); create it first:

@@ -275,7 +275,7 @@ class ChatCore:
             asyncio.ensure_future(self._recall(req, [], self.settings.recall_top_k + RECALL_SLACK, warnings)
                                   if use_recall else _nothing()),
             asyncio.ensure_future(self._documents(req, warnings) if use_documents else _nothing()),
-            warnings, use_recall)
+            warnings)
 
     async def assemble(self, req: TurnRequest, session_id: str, summary: str, lookups: Lookups) -> AssembledContext:
         """System prompt + summary + recalled memories + the recent window (which ends with this message)."""
@@ -286,8 +286,8 @@ class ChatCore:
         in_window = {m.message_id for m in history if m.message_id}
         hits = await lookups.recall
         kept = [h for h in hits if h.message.message_id not in in_window][: self.settings.recall_top_k]
-        more_exist = len(hits) == self.settings.recall_top_k + RECALL_SLACK
-        if lookups.use_recall and more_exist and len(kept) < self.settings.recall_top_k:
+        more_exist = len(hits) == self.settings.recall_top_k + RECALL_SLACK  # never when recall is off: no hits
+        if more_exist and len(kept) < self.settings.recall_top_k:
             kept = await self._recall(req, sorted(in_window), self.settings.recall_top_k, warnings)
         memory = [
             MemoryItem(
@@ -343,7 +343,6 @@ class Lookups:
     recall: asyncio.Future
     documents: asyncio.Future
     warnings: list[str]
-    use_recall: bool
 
     def cancel(self) -> None:
         self.recall.cancel()

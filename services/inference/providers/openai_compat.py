@@ -171,8 +171,13 @@ class OpenAIProvider(Provider):
         # api.openai.com wants max_completion_tokens (reasoning models reject max_tokens); servers want max_tokens.
         self._max_tokens_field = "max_completion_tokens" if route.base_url is None else "max_tokens"
 
+    @property
+    def _keyless(self) -> bool:
+        """No key for api.openai.com (a server of our own, by base_url, may need none)."""
+        return self._key is None and self.route.base_url is None
+
     def _require_key(self) -> None:
-        if self._key is None and self.route.base_url is None:
+        if self._keyless:
             raise ProviderError(AUTH, f"no API key: set {self.route.api_key_env or 'OPENAI_API_KEY'}")
 
     def body(self, request: GenerateRequest, *, stream: bool) -> dict[str, Any]:
@@ -285,7 +290,7 @@ class OpenAIProvider(Provider):
         return TokenCount(self._estimator.prompt_tokens(messages, tools), window, estimated=True)
 
     async def check(self) -> bool:
-        if self._key is None and self.route.base_url is None:
+        if self._keyless:
             return False
         try:
             response = await self._http.get(self._models_url, headers=self._headers)
