@@ -1,10 +1,20 @@
-"""Small helpers shared by the benchmark scripts: percentiles, timing, a result table."""
+"""Small helpers shared by the benchmark scripts: percentiles, timing, a result table, child processes."""
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -33,3 +43,63 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str | None] | None = None, log: str | None = None):
+    """A child process, stopped (SIGTERM, then SIGKILL) on exit; its output goes to `log` or nowhere.
+    `env` adds variables to ours (None: remove one)."""
+    merged = {**os.environ, **(env or {})}
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, cwd=ROOT, env={k: v for k, v in merged.items() if v is not None},
+                            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log:
+            out.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until the gRPC server at `address` answers SERVING to the standard health check."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{address} was not SERVING within {timeout} s")
+            time.sleep(0.2)

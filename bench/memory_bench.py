@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -26,13 +27,13 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text
 
-from bench.common import pct, summary_ms, table
+from bench.common import free_port, pct, process, summary_ms, table, wait_serving
 from parley.memory.v1 import memory_pb2 as pb
 from parley.memory.v1 import memory_pb2_grpc
 from parley.runtime.app import running
 from parley.runtime.clients import make_channel
 from parley.runtime.config import Settings
-from parley.runtime.db import Database
+from parley.runtime.db import Database, migrate
 from parley.runtime.embedded import embedded_postgres
 from parley.runtime.embeddings import Embedder
 from parley.runtime.logging import configure_logging
@@ -274,33 +275,50 @@ async def bench_langchain(database_url: str, model, texts: list[str], vectors: n
     return {"add_rate": add_rate, "latency": latencies}
 
 
+async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool, dict[str, float]]:
+    """Ingestion against the memory service in its own process (`parley serve memory`), as callers reach it."""
+    port = free_port()
+    env = {"DATABASE_URL": url, "PARLEY_MEMORY_PORT": str(port), "PARLEY_METRICS_PORT": "0",
+           "PARLEY_LOG_LEVEL": "WARNING", "PARLEY_DATA_DIR": str(tmp)}
+    print(f"== ingestion through gRPC to `parley serve memory` ({args.sequential} sequential appends, "
+          f"{args.writers} writers x {args.per_writer}; one message per call; clock stops when the last vector "
+          "is stored)")
+    results = {}
+    with process([sys.executable, "-m", "parley.cli", "serve", "memory"], env, str(tmp / "memory.log")) as proc:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        channel = make_channel(f"127.0.0.1:{port}")
+        db = Database(url)
+        try:
+            stub = memory_pb2_grpc.MemoryServiceStub(channel)
+            for mode, label in ((True, "async_embedding (vectors follow the commit)"),
+                                (False, "synchronous (each call waits for its vectors)")):
+                results[mode] = r = await bench_ingestion(stub, db, args.writers, args.sequential, args.writers,
+                                                          args.per_writer, mode, "a" if mode else "s")
+                print(f"  {label}: batch 1, one writer {r['sequential']:.0f} msgs/s; "
+                      f"{args.writers} concurrent writers {r['concurrent']:.0f} msgs/s (goal >= 300)")
+        finally:
+            await channel.close()
+            await db.close()
+    return results
+
+
 async def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configure_logging("WARNING", json=False)
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         async with embedded_postgres(Path(tmp) / "pg") if not os.environ.get("DATABASE_URL") else _given() as url:
+            await migrate(url)
+            ingest = (await ingestion(url, Path(tmp), args))[True]
+            if args.only_ingestion:
+                return
             settings = Settings(_env_file=None, database_url=url, data_dir=Path(tmp), metrics_port=0,
                                 log_level="WARNING", log_json=False)
             async with running(settings, ["memory"], port=0, embedded=False) as app:
                 channel = make_channel(app.address)
                 stub = memory_pb2_grpc.MemoryServiceStub(channel)
                 db = Database(url)
-                store = MemoryStore(db.engine)
+                store = MemoryStore(db.engine, derived_engine=db.derived_engine)
                 embedder = await _shared_embedder(app)
-                print(f"== ingestion through gRPC ({args.sequential} sequential appends, "
-                      f"{args.writers} writers x {args.per_writer}; one message per call; clock stops when the "
-                      "last vector is stored)")
-                ingest = {}
-                for mode, label in ((True, "async_embedding (vectors follow the commit)"),
-                                    (False, "synchronous (each call waits for its vectors)")):
-                    ingest[mode] = r = await bench_ingestion(stub, db, args.writers, args.sequential, args.writers,
-                                                             args.per_writer, mode, "a" if mode else "s")
-                    print(f"  {label}: batch 1, one writer {r['sequential']:.0f} msgs/s; "
-                          f"{args.writers} concurrent writers {r['concurrent']:.0f} msgs/s (goal >= 300)")
-                ingest = ingest[True]
-                if args.only_ingestion:
-                    return
-
                 print(f"== recall at {args.messages} messages, {args.users} users")
                 texts = corpus(args.messages)
                 vectors = await embed_cached(embedder, texts, "messages")
@@ -371,8 +389,8 @@ if __name__ == "__main__":
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--chunks", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--sequential", type=int, default=300)
+    parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--writers", type=int, default=32)
-    parser.add_argument("--per-writer", type=int, default=20)
+    parser.add_argument("--per-writer", type=int, default=60)
     parser.add_argument("--only-ingestion", action="store_true", help="stop after the ingestion figures")
     asyncio.run(main(parser.parse_args()))

@@ -4,63 +4,18 @@ its real entry point, `parley serve inference`), LiteLLM's proxy; and waiting un
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
+from bench.common import cpu_seconds, free_port, process  # noqa: F401 - the benchmarks use them as procs.*
 from parley.inference.v1 import inference_pb2, inference_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
 LITELLM_VENV = Path(__file__).resolve().parent / ".venv-litellm"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def process(argv: list[str], env: dict[str, str | None] | None = None, log: str | None = None):
-    """A child process, stopped (SIGTERM, then SIGKILL) on exit; its output goes to `log` or nowhere.
-    `env` adds variables to ours (None: remove one)."""
-    merged = {**os.environ, **(env or {})}
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, cwd=ROOT, env={k: v for k, v in merged.items() if v is not None},
-                            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if log:
-            out.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its descendants (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:

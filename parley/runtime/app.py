@@ -61,7 +61,8 @@ class ServiceContext:
             if self._embedder is None:
                 cfg = self.settings.embedding
                 self._embedder = await Embedder.load(cfg.model_path, cfg.batch_size, cfg.max_wait_ms,
-                                                     cfg.threads, cfg.backend, cfg.onnx_cache_dir)
+                                                     cfg.threads, cfg.backend, cfg.onnx_cache_dir,
+                                                     cfg.precision)
                 self._embedder.start()
                 self._stack.push_async_callback(self._embedder.close)
         return self._embedder
@@ -72,7 +73,7 @@ class ServiceContext:
         if self._database is None:
             if not self.database_url:
                 raise RuntimeError("DATABASE_URL is not set and no embedded PostgreSQL was started")
-            self._database = Database(self.database_url)
+            self._database = Database(self.database_url, self.settings.db_pool_size)
             self._stack.push_async_callback(self._database.close)
         return self._database
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from parley.runtime import onnx_encoder
+from parley.runtime import encoders
+from parley.runtime.encoders import Bf16Encoder, OnnxEncoder
 from parley.runtime.logging import get_logger
-from parley.runtime.onnx_encoder import OnnxEncoder
 
 EMBEDDING_DIM = 384
 _log = get_logger(__name__)
@@ -40,10 +40,11 @@ class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
     def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0, cache_size: int = 2048,
-                 encoder: OnnxEncoder | None = None) -> None:
+                 encoder: OnnxEncoder | Bf16Encoder | None = None) -> None:
         self._model = model
-        self._onnx = encoder  # None: the model's own torch forward pass
-        self.backend = "onnx" if encoder is not None else "torch"
+        self._encoder = encoder  # None: the model's own PyTorch fp32 forward pass
+        self.backend = "onnx" if isinstance(encoder, OnnxEncoder) else "torch"
+        self.precision = encoder.precision if encoder is not None else "fp32"
         # Hugging Face fast tokenizers are not safe to share between threads: the encode thread keeps the
         # model's own; token counting (event loop) and chunking (worker threads) get copies.
         self.tokenizer = copy.deepcopy(model.tokenizer)
@@ -66,11 +67,14 @@ class Embedder:
 
     @classmethod
     async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float, threads: int = 1,
-                   backend: str = "onnx", onnx_cache_dir: Path | None = None) -> Embedder:
+                   backend: str = "onnx", onnx_cache_dir: Path | None = None,
+                   precision: str = "auto") -> Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
-        backend "onnx": the model's transformer exported once (cached) and run by ONNX Runtime (same vectors,
-        about half the CPU per short text here); falls back to torch, with a warning, for a model it cannot export.
+        precision "bf16" (or "auto" on a CPU with AMX): the transformer traced under bfloat16 autocast (see
+        `encoders.Bf16Encoder`). Otherwise fp32, run by `backend`: "onnx" exports the transformer once (cached) and
+        runs it with ONNX Runtime (same vectors, about half the CPU per short text here), "torch" runs PyTorch.
+        A model neither can compile, or a compilation that fails, falls back to PyTorch fp32 with a warning.
         """
         path = model_path or packaged_embedding_model_path()
         if not Path(path).exists():
@@ -85,15 +89,25 @@ class Embedder:
             if threads:
                 torch.set_num_threads(threads)
             model = SentenceTransformer(path, device="cpu")
-            if backend != "onnx":
+            bf16 = precision == "bf16" or (precision == "auto" and encoders.amx_bf16())
+            if precision == "bf16" and not encoders.amx_bf16():
+                _log.warning("embedding_bf16_emulated", reason="this CPU has no AMX: bfloat16 is emulated, slowly")
+            if not bf16 and backend != "onnx":
                 return model, None
-            why_not = onnx_encoder.supported(model)
+            why_not = encoders.supported(model)
             if why_not:
-                _log.warning("embedding_onnx_unsupported", reason=why_not, fallback="torch")
+                _log.warning("embedding_compile_unsupported", reason=why_not, fallback="torch fp32")
                 return model, None
-            cache = onnx_cache_dir or onnx_encoder.default_cache_dir()
+            if bf16:
+                try:
+                    return model, Bf16Encoder.build(model, threads)
+                except Exception as exc:  # noqa: BLE001 - fp32 below gives the reference vectors
+                    _log.warning("embedding_bf16_failed", error=f"{type(exc).__name__}: {exc}", fallback="fp32")
+                if backend != "onnx":
+                    return model, None
+            cache = onnx_cache_dir or encoders.default_cache_dir()
             try:
-                return model, onnx_encoder.OnnxEncoder.build(model, path, cache, threads)
+                return model, OnnxEncoder.build(model, path, cache, threads)
             except Exception as exc:  # noqa: BLE001 - e.g. a read-only cache folder: torch gives the same vectors
                 _log.warning("embedding_onnx_failed", error=f"{type(exc).__name__}: {exc}", cache=str(cache),
                              fallback="torch")
@@ -107,7 +121,7 @@ class Embedder:
         model, encoder = task.result()
         embedder = cls(model, batch_size, max_wait_ms, encoder=encoder)
         _log.info("embedding_model_ready", load_s=round(time.perf_counter() - started, 2), dim=EMBEDDING_DIM,
-                  backend=embedder.backend)
+                  backend=embedder.backend, precision=embedder.precision)
         return embedder
 
     def start(self) -> None:
@@ -189,12 +203,13 @@ class Embedder:
                 offset += n
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        if self._onnx is not None:  # by length, like sentence-transformers, so a batch pads little
+        if self._encoder is not None:  # by length, like sentence-transformers, so a batch pads little
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
             vectors = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-            for start in range(0, len(order), self._batch_size):
-                chunk = order[start:start + self._batch_size]
-                vectors[chunk] = self._onnx.encode([texts[i] for i in chunk])
+            step = min(self._batch_size, self._encoder.max_batch)
+            for start in range(0, len(order), step):
+                chunk = order[start:start + step]
+                vectors[chunk] = self._encoder.encode([texts[i] for i in chunk])
             return vectors
         return self._model.encode(
             texts,

@@ -93,6 +93,22 @@ class DeadlineExceeded(ParleyError):
     code: grpc.StatusCode = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def from_exception(exc: BaseException) -> ParleyError | None:
+    """The domain error for an infrastructure failure the caller can act on, or None (INTERNAL).
+
+    A lost or unreachable database connection is UNAVAILABLE: the statement did not complete on a live
+    connection, the pool has been invalidated, and a retry (gRPC's retry policy does it) gets a fresh one.
+    """
+    from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+    if isinstance(exc, DisconnectionError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return Unavailable("the database connection was lost; retry the call", reason="DATABASE_UNAVAILABLE")
+    if isinstance(exc, ConnectionError):
+        return Unavailable(f"a backing service is unreachable ({type(exc).__name__}); retry the call",
+                           reason="BACKEND_UNAVAILABLE")
+    return None
+
+
 def _pack(message) -> any_pb2.Any:
     detail = any_pb2.Any()
     detail.Pack(message)

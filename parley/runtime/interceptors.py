@@ -25,7 +25,7 @@ import grpc
 import structlog
 from grpc_status import rpc_status
 
-from parley.runtime.errors import ParleyError, PermissionDenied, internal_status, to_status
+from parley.runtime.errors import ParleyError, PermissionDenied, from_exception, internal_status, to_status
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
 from parley.runtime.network import peer_is_local
@@ -90,15 +90,19 @@ class _Call:
                       ms=round(self.elapsed * 1000, 2), request_id=self.request_id)
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        """Abort the RPC with the status for `exc` (always raises)."""
+        """Abort the RPC with the status for `exc` (always raises), the request id in its trailers."""
+        exc = from_exception(exc) or exc
         if isinstance(exc, ParleyError):
             self.code = exc.code.name
             if exc.code == grpc.StatusCode.INTERNAL:
                 _log.error("rpc_failed", error=exc.message)
-            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
-        self.code = "INTERNAL"
-        _log.error("rpc_crashed", service=self.service, method=self.method, exc_info=exc)
-        await context.abort_with_status(rpc_status.to_status(internal_status()))
+            status = rpc_status.to_status(to_status(exc))
+        else:
+            self.code = "INTERNAL"
+            _log.error("rpc_crashed", service=self.service, method=self.method, exc_info=exc)
+            status = rpc_status.to_status(internal_status())
+        await context.abort(status.code, status.details,
+                            (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id)))
 
 
 class InternalGuard:
@@ -136,17 +140,20 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
+            # Response headers (with the request id) go out only with a response: an error before one is a
+            # trailers-only answer, which the caller's gRPC retry policy may retry (headers commit a call).
             async def unary_unary(request, context):
                 with _Call(metrics, service, method, request_id, context) as call:
-                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
                     try:
                         internal.check(service, metadata, context)
-                        return await behavior(request, context)
+                        response = await behavior(request, context)
                     except (asyncio.CancelledError, grpc.aio.AbortError):
                         call.code = _code_of(context, "CANCELLED")
                         raise
                     except Exception as exc:  # the one place errors become statuses
                         await call.fail(context, exc)
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                    return response
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -159,11 +166,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request, context) -> AsyncIterator[Any]:
                 with _Call(metrics, service, method, request_id, context) as call:
-                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                    headers = ((REQUEST_ID_KEY, request_id),)
                     try:
                         internal.check(service, metadata, context)
                         async for item in stream_behavior(request, context):
+                            if headers:
+                                await context.send_initial_metadata(headers)
+                                headers = ()
                             yield item
+                        if headers:  # an empty stream: the id rides in the trailers
+                            context.set_trailing_metadata(headers)
                     except (asyncio.CancelledError, grpc.aio.AbortError):
                         call.code = _code_of(context, "CANCELLED")
                         raise

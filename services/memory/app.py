@@ -18,7 +18,8 @@ SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 @asynccontextmanager
 async def build(ctx: ServiceContext) -> AsyncIterator[ServiceBinding]:
     embedder = await ctx.embedder()
-    store = MemoryStore(ctx.database.engine, ctx.settings.memory.exact_recall_max_messages)
+    store = MemoryStore(ctx.database.engine, ctx.settings.memory.exact_recall_max_messages,
+                        ctx.database.derived_engine)
     backfill = EmbeddingBackfill(store, embedder)
     backfill.start()
     core = MemoryCore(store, embedder, ctx.settings.memory)

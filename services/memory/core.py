@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from parley.runtime import validation as v
@@ -177,7 +178,7 @@ class MemoryCore:
         """Store the embeddings; on failure leave them to the backfill worker (the turn is already safe)."""
         try:
             vectors = await embedding
-            await self._vectors.write([m.id for m in todo], vectors.tolist())
+            await self._vectors.write([m.id for m in todo], vectors)
         except Exception as exc:  # noqa: BLE001 - any failure here must not lose the stored turn
             _log.warning("embedding_deferred", messages=len(todo), error=str(exc))
             return
@@ -300,10 +301,10 @@ class VectorWriter:
 
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
-        self._queued: list[tuple[list[uuid.UUID], list[list[float]], asyncio.Future]] = []
+        self._queued: list[tuple[list[uuid.UUID], np.ndarray, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
-    async def write(self, ids: list[uuid.UUID], vectors: list[list[float]]) -> None:
+    async def write(self, ids: list[uuid.UUID], vectors: np.ndarray) -> None:
         done = asyncio.get_running_loop().create_future()
         self._queued.append((ids, vectors, done))
         if self._flusher is None or self._flusher.done():
@@ -315,7 +316,7 @@ class VectorWriter:
             batch, self._queued = self._queued, []
             try:
                 await self._store.set_embeddings([i for ids, _, _ in batch for i in ids],
-                                                 [v for _, vectors, _ in batch for v in vectors])
+                                                 np.concatenate([vectors for _, vectors, _ in batch]))
             except Exception as exc:  # noqa: BLE001 - each writer sees the failure (and defers to the backfill)
                 for _, _, done in batch:
                     if not done.done():
@@ -364,7 +365,7 @@ class EmbeddingBackfill:
             ):
                 with attempt:
                     vectors = await self._embedder.embed([c for _, c in todo])
-                    await self._store.set_embeddings([mid for mid, _ in todo], vectors.tolist())
+                    await self._store.set_embeddings([mid for mid, _ in todo], vectors)
             filled += len(todo)
             self.filled += len(todo)
             if len(pending) < self._batch:

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from parley.runtime.embeddings import EMBEDDING_DIM
 from services.memory.records import (
     Chunk,
     Conversation,
@@ -62,8 +64,12 @@ _DOCUMENT_COLUMNS = "id, user_id, title, source, visibility, chunk_count, metada
 
 
 class MemoryStore:
-    def __init__(self, engine: AsyncEngine, exact_recall_max_messages: int = 20_000) -> None:
+    def __init__(self, engine: AsyncEngine, exact_recall_max_messages: int = 20_000,
+                 derived_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        # Writes of recomputable data (vectors): `Database.derived_engine` commits them without waiting for the
+        # WAL flush; without one they go through `engine`, durably.
+        self.derived_engine = derived_engine or engine
         # Up to this many messages a user's recall is an exact scan of their rows (exact and fast: the
         # B-tree narrows to them); beyond it, the HNSW index with iterative scans answers.
         self.exact_recall_max_messages = exact_recall_max_messages
@@ -196,19 +202,23 @@ class MemoryStore:
             stored = sorted((_message(r) for r in rows), key=lambda m: m.seq)
         return stored or None
 
-    async def set_embeddings(self, ids: list[uuid.UUID], vectors: list[list[float]]) -> None:
+    async def set_embeddings(self, ids: list[uuid.UUID], vectors: np.ndarray) -> None:
+        """Store the vectors (one row each, in `ids` order) of messages."""
         if not ids:
             return
-        async with self.engine.begin() as conn:
-            # Vectors are derived data: a crash that loses this commit leaves NULLs the backfill recomputes, so
-            # the commit does not wait for the WAL flush.
-            await conn.execute(text("SET LOCAL synchronous_commit = off"))
+        flat = np.asarray(vectors, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
+        async with self.derived_engine.connect() as conn:  # one statement, its own transaction: one round trip
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            # The vectors travel as one binary float4[] (no text formatting or parsing of 384 numbers each),
+            # sliced per message on the server.
             await conn.execute(
                 text(
-                    "UPDATE messages SET embedding = CAST(v.e AS vector) "
-                    "FROM unnest(CAST(:ids AS uuid[]), CAST(:vectors AS text[])) AS v(id, e) WHERE messages.id = v.id"
+                    f"UPDATE messages SET embedding = CAST(f.flat[(v.n - 1) * {EMBEDDING_DIM} + 1 : "
+                    f"v.n * {EMBEDDING_DIM}] AS vector) "
+                    "FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS v(id, n), "
+                    "(SELECT CAST(:flat AS float4[]) AS flat) AS f WHERE messages.id = v.id"
                 ),
-                {"ids": ids, "vectors": [vector_literal(v) for v in vectors]},
+                {"ids": ids, "flat": flat.ravel().tolist()},
             )
 
     async def pending_embeddings(self, limit: int) -> list[tuple[uuid.UUID, str]]:

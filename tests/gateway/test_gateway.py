@@ -183,6 +183,9 @@ async def test_request_id_round_trips_through_the_service(http, user):
     generated = await http.get(f"/v1/users/{user}/conversations")
     [rid] = generated.headers.get_list("x-request-id")
     assert len(rid) == 32  # the gateway made one up
+    # an error answer (trailers-only in gRPC, so that callers may retry it) carries the id too
+    missing = await http.get(f"/v1/users/{user}/conversations/{uuid.uuid4()}", headers={"X-Request-Id": "gw-404"})
+    assert missing.status_code == 404 and missing.headers.get_list("x-request-id") == ["gw-404"]
 
 
 async def test_readiness_reports_each_upstream(http, stack):

@@ -1,5 +1,5 @@
-"""The embedding runtimes (ONNX Runtime by default, PyTorch) give the same vectors; vectors are written in
-coalesced statements; the exact recall plan reads the covering index, never the HNSW one."""
+"""The embedding runtimes give the same vectors (ONNX Runtime and PyTorch exactly, bfloat16 within cosine 0.9995);
+vectors are written in coalesced statements, exactly; the exact recall plan reads the covering index, never HNSW."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from parley.runtime.config import MemorySettings
 from parley.runtime.db import Database, migrate
+from parley.runtime import encoders
 from parley.runtime.embeddings import Embedder, packaged_embedding_model_path
 from services.memory.core import MemoryCore
 from services.memory.records import NewMessage, RecallQuery, Role
@@ -30,7 +31,8 @@ TEXTS = [
 @pytest.fixture(scope="module")
 async def runtimes(tmp_path_factory):
     cache = tmp_path_factory.mktemp("onnx-cache")
-    onnx = await Embedder.load(None, batch_size=2, max_wait_ms=1, backend="onnx", onnx_cache_dir=cache)
+    onnx = await Embedder.load(None, batch_size=2, max_wait_ms=1, backend="onnx", onnx_cache_dir=cache,
+                               precision="fp32")
     torch_ = Embedder(onnx._model, batch_size=2, max_wait_ms=1)  # the very same weights, run by PyTorch
     for e in (onnx, torch_):
         e.start()
@@ -54,7 +56,8 @@ async def test_the_export_is_cached_and_reused(runtimes):
     exported = list(cache.glob("*.onnx"))
     assert len(exported) == 1 and exported[0].stat().st_size > 10_000_000
     mtime = exported[0].stat().st_mtime_ns
-    again = await Embedder.load(None, batch_size=8, max_wait_ms=1, backend="onnx", onnx_cache_dir=cache)
+    again = await Embedder.load(None, batch_size=8, max_wait_ms=1, backend="onnx", onnx_cache_dir=cache,
+                                precision="fp32")
     assert again.backend == "onnx"
     assert list(cache.glob("*.onnx")) == exported and exported[0].stat().st_mtime_ns == mtime, "not exported again"
 
@@ -66,22 +69,48 @@ async def test_a_model_onnx_cannot_take_falls_back_to_torch(tmp_path):
     config = json.loads(pooling.read_text())
     config = {k: v for k, v in config.items() if not k.startswith("pooling_mode")} | {"pooling_mode": "cls"}
     pooling.write_text(json.dumps(config))
-    embedder = await Embedder.load(str(model), batch_size=8, max_wait_ms=1, backend="onnx",
-                                   onnx_cache_dir=tmp_path / "cache")
-    assert embedder.backend == "torch"
+    for precision in ("fp32", "bf16"):
+        embedder = await Embedder.load(str(model), batch_size=8, max_wait_ms=1, backend="onnx",
+                                       onnx_cache_dir=tmp_path / "cache", precision=precision)
+        assert (embedder.backend, embedder.precision) == ("torch", "fp32")
     assert not list(tmp_path.rglob("*.onnx")), "nothing exported"
 
 
 async def test_an_unwritable_cache_falls_back_to_torch(tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache folder should be")
-    embedder = await Embedder.load(None, batch_size=8, max_wait_ms=1, backend="onnx", onnx_cache_dir=blocked / "x")
+    embedder = await Embedder.load(None, batch_size=8, max_wait_ms=1, backend="onnx", onnx_cache_dir=blocked / "x",
+                                   precision="fp32")
     assert embedder.backend == "torch"
     embedder.start()
     try:
         assert (await embedder.embed(["still embedded"])).shape == (1, 384)
     finally:
         await embedder.close()
+
+
+async def test_bfloat16_vectors_stay_within_cosine_0_9995_of_fp32(runtimes):
+    onnx, _, _ = runtimes
+    bf16 = Embedder(onnx._model, batch_size=2, max_wait_ms=1,
+                    encoder=await asyncio.to_thread(encoders.Bf16Encoder.build, onnx._model, 1))
+    bf16.start()
+    try:
+        assert (bf16.backend, bf16.precision) == ("torch", "bf16")
+        reference, batched = await onnx.embed(TEXTS), await bf16.embed(TEXTS)  # pairs sorted by length: padded
+        alone = [bf16._encode([t])[0] for t in TEXTS]  # one at a time: other shapes, other kernels
+    finally:
+        await bf16.close()
+    assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert (batched * reference).sum(axis=1).min() > 0.9995, "the model's vectors, to bfloat16 rounding"
+    assert (np.stack(alone) * batched).sum(axis=1).min() > 0.9995, "batching changes rounding, not meaning"
+    scores, expected = batched @ batched[0], reference @ reference[0]
+    assert list(np.argsort(-scores)) == list(np.argsort(-expected)), "same ranking of these texts"
+
+
+async def test_auto_precision_is_bf16_only_on_amx(tmp_path):
+    embedder = await Embedder.load(None, batch_size=8, max_wait_ms=1, onnx_cache_dir=tmp_path, precision="auto")
+    assert embedder.precision == ("bf16" if encoders.amx_bf16() else "fp32")
+    assert embedder.backend == ("torch" if encoders.amx_bf16() else "onnx")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +142,12 @@ async def test_concurrent_turns_share_vector_writes(core, monkeypatch):
     async with store.engine.connect() as conn:
         missing = (await conn.execute(text(
             "SELECT count(*) FROM messages WHERE user_id = 'writer-user' AND embedding IS NULL"))).scalar_one()
+        stored = (await conn.execute(text(
+            "SELECT content, embedding::text FROM messages WHERE user_id = 'writer-user'"))).all()
     assert missing == 0
+    expected = await memory.embedder.embed([content for content, _ in stored])
+    # Each message got its own vector (sliced from one binary array), bit for bit as float4.
+    assert np.array_equal(np.array([json.loads(v) for _, v in stored], dtype=np.float32), expected)
 
 
 async def test_exact_recall_reads_the_covering_index_not_hnsw(core):

@@ -220,18 +220,18 @@ func incomingHeader(key string) (string, bool) {
 	return runtime.DefaultHeaderMatcher(key)
 }
 
-// outgoingHeader maps gRPC response metadata to HTTP headers: x-request-id as X-Request-Id, the rest as
-// Grpc-Metadata-*.
+// outgoingHeader maps gRPC response metadata to HTTP headers as Grpc-Metadata-*; x-request-id is left out
+// because withRequestID already answers it as X-Request-Id (also on errors, whose id rides in gRPC trailers).
 func outgoingHeader(key string) (string, bool) {
 	if key == "x-request-id" {
-		return "X-Request-Id", true
+		return "", false
 	}
 	return runtime.MetadataHeaderPrefix + key, true
 }
 
 // withRequestID gives every request an X-Request-Id (the client's, or a new one) so the gateway's log line and
-// all four services' log lines carry the same id. The response header comes from the service (it echoes the
-// id as `x-request-id` metadata, mapped back by outgoingHeader).
+// all four services' log lines carry the same id, and answers it in the X-Request-Id response header whatever
+// the outcome (the services echo the same id as `x-request-id` metadata).
 func withRequestID(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id := r.Header.Get("X-Request-Id")
@@ -241,6 +241,7 @@ func withRequestID(next http.Handler) http.Handler {
 			id = hex.EncodeToString(b[:])
 			r.Header.Set("X-Request-Id", id)
 		}
+		w.Header().Set("X-Request-Id", id)
 		next.ServeHTTP(w, r)
 	})
 }
