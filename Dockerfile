@@ -88,9 +88,9 @@ ENV PATH=/opt/parley/bin:$PATH \
     PARLEY_DATA_DIR=/data \
     PARLEY_LOG_JSON=true
 USER 10001
-# The embedding model's ONNX export (parley/runtime/onnx_encoder.py), made once here into the image's
-# ~/.cache/parley/onnx instead of at every pod start.
-RUN python -c "import asyncio; from parley.runtime.embeddings import Embedder; asyncio.run(Embedder.load(None, 1, 1))"
+# The embedding model's ONNX export (parley/runtime/encoders.py), made once here into the image's
+# ~/.cache/parley/onnx instead of at every pod start (fp32 runs it on nodes without AMX; bf16 is traced at start).
+RUN python -c "import asyncio; from parley.runtime.embeddings import Embedder; asyncio.run(Embedder.load(None, 1, 1, precision='fp32'))"
 # gRPC: chat 50050, memory 50051, inference 50052, tools 50053; Prometheus 9464; dashboard 8501
 EXPOSE 50050 50051 50052 50053 9464 8501
 CMD ["parley", "--help"]
