@@ -111,6 +111,9 @@ async def test_the_service_survives_a_database_restart(start_stack, database_url
             status = rpc_status.from_call(failed.value)
             info = error_details_pb2.ErrorInfo()
             assert status.details[0].Unpack(info) and info.reason == "DATABASE_UNAVAILABLE"
+            trailers = dict(failed.value.trailing_metadata())
+            assert "grpc-retry-pushback-ms" not in trailers, "a retry is welcome"
+            assert trailers["x-request-id"]
             await stub.ListConversations(request)  # recovered at once
         channel = make_channel(app.address)
         try:

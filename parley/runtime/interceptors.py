@@ -31,6 +31,7 @@ from parley.runtime.metrics import Metrics
 from parley.runtime.network import peer_is_local
 
 REQUEST_ID_KEY = "x-request-id"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # negative: the caller's gRPC must not retry (gRFC A6)
 INTERNAL_TOKEN_KEY = "x-parley-internal"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("parley_request_id", default=None)
 _QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
@@ -90,19 +91,28 @@ class _Call:
                       ms=round(self.elapsed * 1000, 2), request_id=self.request_id)
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        """Abort the RPC with the status for `exc` (always raises), the request id in its trailers."""
-        exc = from_exception(exc) or exc
+        """Abort the RPC with the status for `exc` (always raises), the request id in its trailers.
+
+        Only an infrastructure failure (`errors.from_exception`: a lost database connection) invites the caller's
+        gRPC retry policy to try again. An UNAVAILABLE a service raises itself (no provider could answer, a
+        downstream service was down) comes after that service's own retries, so it carries a negative
+        `grpc-retry-pushback-ms`, which tells gRPC not to retry it (gRFC A6): no retry storms across hops.
+        """
+        infrastructure = from_exception(exc)
+        exc = infrastructure or exc
+        trailers = [(REQUEST_ID_KEY, self.request_id)]
         if isinstance(exc, ParleyError):
             self.code = exc.code.name
             if exc.code == grpc.StatusCode.INTERNAL:
                 _log.error("rpc_failed", error=exc.message)
             status = rpc_status.to_status(to_status(exc))
+            if exc.code == grpc.StatusCode.UNAVAILABLE and infrastructure is None:
+                trailers.append((RETRY_PUSHBACK_KEY, "-1"))
         else:
             self.code = "INTERNAL"
             _log.error("rpc_crashed", service=self.service, method=self.method, exc_info=exc)
             status = rpc_status.to_status(internal_status())
-        await context.abort(status.code, status.details,
-                            (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id)))
+        await context.abort(status.code, status.details, (*status.trailing_metadata, *trailers))
 
 
 class InternalGuard:

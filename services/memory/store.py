@@ -27,6 +27,7 @@ from services.memory.records import (
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 HNSW_EF_SEARCH = 100
+HNSW_OVERFETCH = 4  # candidates per requested neighbour on the approximate recall plan
 
 
 def vector_literal(vector: Sequence[float]) -> str:
@@ -272,6 +273,9 @@ class MemoryStore:
             "q": vector_literal(q.vector),
             "roles": [int(r) for r in q.roles],
             "limit": q.top_k,
+            # The approximate plan takes this many neighbours from the index and keeps the exact best top_k:
+            # a relaxed-order iterative scan under a selective user filter finds good rows, not in order.
+            "candidates": max(q.top_k * HNSW_OVERFETCH, HNSW_EF_SEARCH // 2),
         }
         if q.conversation_ids:
             where.append("conversation_id = ANY(CAST(:cids AS uuid[]))")
@@ -293,7 +297,7 @@ class MemoryStore:
             params.update(xcid=q.exclude_recent_conversation, xn=q.exclude_recent_count)
         approximate = text(
             f"SELECT {_MESSAGE_COLUMNS}, 1 - (embedding <=> CAST(:q AS vector)) AS score "
-            f"FROM messages WHERE {' AND '.join(where)} ORDER BY embedding <=> CAST(:q AS vector) LIMIT :limit"
+            f"FROM messages WHERE {' AND '.join(where)} ORDER BY embedding <=> CAST(:q AS vector) LIMIT :candidates"
         )
         # Ordered by the score, not by the distance operator, so the planner cannot answer with the HNSW index: the
         # user's rows come from the covering (user_id, created_at) index (an index-only scan over their contiguous
@@ -317,9 +321,9 @@ class MemoryStore:
                 await _tune_vector_search(conn)
                 rows = (await conn.execute(approximate, params)).all()
             await conn.commit()
-        # relaxed_order iterative scans may return neighbours slightly out of order: sort exactly here.
+        # The approximate plan's candidates come in relaxed order: rank them exactly and keep top_k.
         hits = [(_message(r), float(r.score)) for r in rows if r.score >= q.min_score]
-        return sorted(hits, key=lambda hit: -hit[1])
+        return sorted(hits, key=lambda hit: -hit[1])[:q.top_k]
 
     # -- documents -----------------------------------------------------------------------------
 

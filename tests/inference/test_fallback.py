@@ -8,6 +8,8 @@ import pytest
 
 from bench.inference.upstream import Upstream
 from parley.inference.v1 import inference_pb2 as pb
+from parley.inference.v1 import inference_pb2_grpc
+from parley.runtime.clients import make_channel
 from tests.inference.conftest import channel_stub, collect, free_port, settings, user
 from tests.inference.test_bad_input import expect
 
@@ -30,7 +32,7 @@ async def servers():
 
 
 @pytest.fixture(scope="module")
-async def stub(start_stack, servers):
+async def address(start_stack, servers):
     closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
 
     def route(name, base_url, **extra):
@@ -45,13 +47,19 @@ async def stub(start_stack, servers):
         route("slow", servers["slow"].base_url, fallbacks=["backup"], timeout_s=0.3, max_retries=0),
         route("rejecting", servers["rejecting"].base_url, fallbacks=["backup"]),
         route("dead-end", closed, max_retries=1),
+        route("busy-only", servers["busy"].base_url, max_retries=1),
     ]
     config = settings(routes=routes, retry_initial_backoff_s=0.01, retry_max_backoff_s=0.05,
                       cooldown_failures=2, cooldown_s=60)
     async with start_stack(["inference"], inference=config) as app:
-        channel, s = await channel_stub(app.address)
-        yield s
-        await channel.close()
+        yield app.address
+
+
+@pytest.fixture(scope="module")
+async def stub(address):
+    channel, s = await channel_stub(address)
+    yield s
+    await channel.close()
 
 
 def ask(model: str) -> pb.GenerateRequest:
@@ -92,8 +100,10 @@ async def test_a_rejected_request_is_not_retried_nor_sent_elsewhere(stub, server
 
 
 async def test_no_provider_left_is_unavailable_and_says_why(stub):
-    await expect(stub.Generate(ask("dead-end")), grpc.StatusCode.UNAVAILABLE,
-                 "no provider could serve dead-end", "dead-end: connection", "cannot reach the provider")
+    err = await expect(stub.Generate(ask("dead-end")), grpc.StatusCode.UNAVAILABLE,
+                       "no provider could serve dead-end", "dead-end: connection", "cannot reach the provider")
+    # The service already retried and fell back: callers' gRPC retry policies are told not to retry again.
+    assert ("grpc-retry-pushback-ms", "-1") in tuple(err.trailing_metadata())
 
 
 async def test_a_failing_provider_cools_down(stub, servers):
@@ -105,3 +115,16 @@ async def test_a_failing_provider_cools_down(stub, servers):
     r = await stub.Generate(ask("cooling"))
     assert r.model == "backup" and list(r.fallbacks_tried) == ["cooling"]
     assert cooling.requests == seen  # skipped while cooling down: no request reached it
+
+
+async def test_callers_retry_policies_do_not_multiply_provider_attempts(address, servers):
+    """Parley's own channels retry UNAVAILABLE (4 attempts); the service's answer tells them not to, because it
+    retried the provider itself: one call, one try plus one retry upstream, not four times that."""
+    channel = make_channel(address)
+    try:
+        before = servers["busy"].requests
+        await expect(inference_pb2_grpc.InferenceServiceStub(channel).Generate(ask("busy-only")),
+                     grpc.StatusCode.UNAVAILABLE, "busy-only")
+        assert servers["busy"].requests - before == 2
+    finally:
+        await channel.close()
