@@ -9,7 +9,7 @@ concurrent sessions, and the mean time of each step of the turn (from the chat s
 `parley_chat_turn_step_seconds` histogram). Baseline named: the chat issue's goal, p50 <= 15 ms
 and p99 <= 50 ms at 50 sessions.
 
-    .venv/bin/python -m bench.chat_bench [--turns 8] [--concurrency 1 10 50] [--think-ms 0]
+    .venv/bin/python -m bench.chat_bench [--turns 16] [--concurrency 1 10 50] [--think-ms 0]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ async def main(args: argparse.Namespace) -> None:
             async with running(settings, ["memory", "inference", "tools", "chat"], port=0, embedded=True) as app:
                 channel = make_channel(app.address)
                 stub = chat_pb2_grpc.ChatServiceStub(channel)
-                await run_level(stub, 2, 3, "warmup")
+                await run_level(stub, 10, 3, "warmup")  # pools filled, code paths and shapes seen
                 rows, steps_rows = [], []
                 for level in args.concurrency:
                     before = scrape_steps(metrics_port)
@@ -122,7 +122,7 @@ STEPS = ("check_model", "limits", "session", "persist_message", "context", "cach
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--turns", type=int, default=8, help="turns per session")
+    parser.add_argument("--turns", type=int, default=16, help="turns per session")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--think-ms", type=float, default=0.0,
                         help="mean pause of a session between turns (exponential); 0: back to back")
