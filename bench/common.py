@@ -87,19 +87,27 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float) -> None:
+    """Poll `ready` until it says yes; fail if `proc` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} within {timeout} s")
+        time.sleep(0.2)
+
+
 def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     """Until the gRPC server at `address` answers SERVING to the standard health check."""
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
+
+        def serving() -> bool:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
             except grpc.RpcError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{address} was not SERVING within {timeout} s")
-            time.sleep(0.2)
+                return False
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+        wait_until(serving, proc, f"SERVING from {address}", timeout)

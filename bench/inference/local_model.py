@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     port = procs.free_port()
     with procs.parley(port, None, local=True, log_level="WARNING") as server:
-        procs.wait_grpc(f"127.0.0.1:{port}", server)
+        procs.wait_serving(f"127.0.0.1:{port}", server)
         llama, parley = asyncio.run(alternate(f"127.0.0.1:{port}", args.reps, args.max_tokens))
     rows = []
     for name, runs in (("llama.cpp directly", llama), ("Parley, gRPC stream", parley)):

@@ -6,49 +6,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import grpc
-
-from bench.common import cpu_seconds, free_port, process  # noqa: F401 - the benchmarks use them as procs.*
-from parley.inference.v1 import inference_pb2, inference_pb2_grpc
+from bench.common import cpu_seconds, free_port, process, wait_serving, wait_until  # noqa: F401 - procs.*
 
 LITELLM_VENV = Path(__file__).resolve().parent / ".venv-litellm"
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} before answering {url}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout} s")
-        time.sleep(0.2)
+            return False
 
-
-def wait_grpc(address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        while True:
-            try:
-                stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
-                return
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"parley exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"parley at {address} did not answer within {timeout} s")
-            time.sleep(0.2)
+    wait_until(answers, proc, f"answer from {url}", timeout)
 
 
 def upstream(port: int, tokens: int):

@@ -167,7 +167,7 @@ def main() -> None:
         procs.wait_http(f"{upstream_base}/models", up)
         server = stack.enter_context(procs.parley(parley_port, routes, local=False, log_level=args.log_level,
                                                   log=str(logs / "parley.log")))
-        procs.wait_grpc(f"127.0.0.1:{parley_port}", server)
+        procs.wait_serving(f"127.0.0.1:{parley_port}", server)
         paths = {"direct": ("openai", upstream_base), "parley": ("grpc", f"127.0.0.1:{parley_port}")}
         pids = {"parley": server.pid}
         if why_not is None:
