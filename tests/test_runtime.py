@@ -56,10 +56,10 @@ async def test_health_reflection_request_id_and_metrics(start_stack, make_settin
             try:
                 call = stub.CreateConversation(mpb.CreateConversationRequest(user_id="rid-user"))
                 await call
-                initial = await call.initial_metadata()
+                trailers = await call.trailing_metadata()
             finally:
                 REQUEST_ID.reset(token)
-            assert dict(initial)[REQUEST_ID_KEY] == "req-abc-123"
+            assert dict(trailers)[REQUEST_ID_KEY] == "req-abc-123"
 
             # errors carry google.rpc.Status with ErrorInfo + BadRequest
             with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -2,7 +2,7 @@
 
 Server side, `ObservabilityInterceptor` wraps every handler so that
 - the request id from `x-request-id` metadata (or a new one) is bound to a ContextVar
-  (and so to every log line and every outgoing call),
+  (and so to every log line and every outgoing call) and answered in the trailers,
 - a `ParleyError` raised by domain code becomes its `google.rpc.Status`,
 - any other exception becomes INTERNAL without leaking details,
 - request count and latency are recorded per service, method and status code.
@@ -150,20 +150,20 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
-            # Response headers (with the request id) go out only with a response: an error before one is a
-            # trailers-only answer, which the caller's gRPC retry policy may retry (headers commit a call).
+            # The request id rides in the trailers, which go out with the status: no headers are sent on their
+            # own (an extra operation per call), and an error is a trailers-only answer, which the caller's gRPC
+            # retry policy may retry (headers would commit the call).
             async def unary_unary(request, context):
                 with _Call(metrics, service, method, request_id, context) as call:
+                    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                     try:
                         internal.check(service, metadata, context)
-                        response = await behavior(request, context)
+                        return await behavior(request, context)
                     except (asyncio.CancelledError, grpc.aio.AbortError):
                         call.code = _code_of(context, "CANCELLED")
                         raise
                     except Exception as exc:  # the one place errors become statuses
                         await call.fail(context, exc)
-                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-                    return response
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -176,16 +176,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request, context) -> AsyncIterator[Any]:
                 with _Call(metrics, service, method, request_id, context) as call:
-                    headers = ((REQUEST_ID_KEY, request_id),)
+                    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                     try:
                         internal.check(service, metadata, context)
                         async for item in stream_behavior(request, context):
-                            if headers:
-                                await context.send_initial_metadata(headers)
-                                headers = ()
                             yield item
-                        if headers:  # an empty stream: the id rides in the trailers
-                            context.set_trailing_metadata(headers)
                     except (asyncio.CancelledError, grpc.aio.AbortError):
                         call.code = _code_of(context, "CANCELLED")
                         raise

@@ -178,7 +178,7 @@ async def test_unknown_route_is_404_status_json(http):
 async def test_request_id_round_trips_through_the_service(http, user):
     resp = await http.get(f"/v1/users/{user}/conversations", headers={"X-Request-Id": "gw-req-0001"})
     assert resp.status_code == 200
-    # the gateway forwards x-request-id as metadata; the Python server echoes it; the gateway maps it back
+    # the gateway forwards x-request-id as metadata (the services log it and echo it in trailers) and answers it
     assert resp.headers.get_list("x-request-id") == ["gw-req-0001"]
     generated = await http.get(f"/v1/users/{user}/conversations")
     [rid] = generated.headers.get_list("x-request-id")

@@ -221,7 +221,7 @@ func incomingHeader(key string) (string, bool) {
 }
 
 // outgoingHeader maps gRPC response metadata to HTTP headers as Grpc-Metadata-*; x-request-id is left out
-// because withRequestID already answers it as X-Request-Id (also on errors, whose id rides in gRPC trailers).
+// because withRequestID already answers it as X-Request-Id (the services return it in gRPC trailers).
 func outgoingHeader(key string) (string, bool) {
 	if key == "x-request-id" {
 		return "", false
@@ -231,7 +231,7 @@ func outgoingHeader(key string) (string, bool) {
 
 // withRequestID gives every request an X-Request-Id (the client's, or a new one) so the gateway's log line and
 // all four services' log lines carry the same id, and answers it in the X-Request-Id response header whatever
-// the outcome (the services echo the same id as `x-request-id` metadata).
+// the outcome (the services echo the same id as `x-request-id` trailing metadata).
 func withRequestID(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id := r.Header.Get("X-Request-Id")
