@@ -78,8 +78,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._derived: AsyncEngine | None = None
 
-    def _engine(self, pool_size: int, **options) -> AsyncEngine:
-        settings = {"application_name": self._application_name} | options.pop("server_settings", {})
+    def _engine(self, pool_size: int, server_settings: dict[str, str] | None = None, **options) -> AsyncEngine:
+        settings = {"application_name": self._application_name, **(server_settings or {})}
         engine = create_async_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
                                      connect_args={"server_settings": settings}, **options)
         _ping_when_idle(engine.sync_engine, self._ping_idle_s)

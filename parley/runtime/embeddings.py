@@ -89,8 +89,9 @@ class Embedder:
             if threads:
                 torch.set_num_threads(threads)
             model = SentenceTransformer(path, device="cpu")
-            bf16 = precision == "bf16" or (precision == "auto" and encoders.amx_bf16())
-            if precision == "bf16" and not encoders.amx_bf16():
+            amx = encoders.amx_bf16()
+            bf16 = precision == "bf16" or (precision == "auto" and amx)
+            if precision == "bf16" and not amx:
                 _log.warning("embedding_bf16_emulated", reason="this CPU has no AMX: bfloat16 is emulated, slowly")
             if not bf16 and backend != "onnx":
                 return model, None
