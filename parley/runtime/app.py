@@ -62,7 +62,8 @@ class ServiceContext:
                 cfg = self.settings.embedding
                 self._embedder = await Embedder.load(cfg.model_path, cfg.batch_size, cfg.max_wait_ms,
                                                      cfg.threads, cfg.backend, cfg.onnx_cache_dir,
-                                                     cfg.precision)
+                                                     cfg.precision, cfg.background_wait_ms,
+                                                     cfg.background_batch)
                 self._embedder.start()
                 self._stack.push_async_callback(self._embedder.close)
         return self._embedder

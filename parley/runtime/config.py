@@ -104,6 +104,14 @@ class EmbeddingSettings(BaseModel):
     )
     batch_size: int = Field(64, ge=1, description="Largest micro-batch of texts per forward pass.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long a micro-batch waits to fill up.")
+    background_wait_ms: float = Field(
+        50.0, ge=0, description="How long a micro-batch of background texts (vectors that follow a commit: "
+        "asynchronous appends, document chunks, the backfill) may wait to fill up. Small batches cost ~2x the CPU "
+        "per text; background passes run in a thread of their own, beside the urgent ones."
+    )
+    background_batch: int = Field(
+        16, ge=1, description="Background texts that start a forward pass without waiting further."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Arithmetic of the model's matrix products. `bf16`: bfloat16 on the CPU's AMX units "
         "(PyTorch, traced once), about twice the texts/s of fp32 with vectors within cosine 0.9999 of it; `fp32`: "

@@ -3,6 +3,18 @@
 Callers `await embedder.embed(texts)`. Requests that arrive while a batch is being
 computed (or within `max_wait_ms` of each other) are merged into the next batch of up
 to `batch_size` texts, so 32 concurrent writers cost a few forward passes, not 32.
+
+Two lanes, each with its own queue and encode thread:
+- urgent (the default): someone waits for the vector (a recall query, a synchronous append). A pass starts
+  `max_wait_ms` after the first request.
+- background (`embed(..., background=True)`): vectors that follow a commit (asynchronous appends, the backfill,
+  document chunks). A pass waits until `background_batch` texts are queued or the oldest has waited
+  `background_wait_ms`. A forward pass costs far more per text in small batches: one short text takes ~7 ms
+  here, while 8 or more texts take ~3 ms each. Background work is batched for throughput, and it runs beside
+  urgent work instead of ahead of it.
+
+A text already computed (the cache) or being computed (in flight) is not computed again. An urgent caller does
+not wait for a background pass, and a background pass skips texts that an urgent one computed meanwhile.
 """
 
 from __future__ import annotations
@@ -11,6 +23,8 @@ import asyncio
 import copy
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,32 +48,52 @@ def packaged_embedding_model_path() -> str:
 class _Request:
     texts: list[str]
     future: asyncio.Future = field(repr=False)
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Lane:
+    """A queue of requests and the one thread that runs their forward passes."""
+
+    name: str
+    max_wait: float  # seconds a pass waits for more requests, counted from its oldest request's arrival
+    fill: int  # texts that start a pass at once
+    encode: Callable[[list[str]], np.ndarray] = field(repr=False)
+    executor: ThreadPoolExecutor = field(repr=False)
+    queue: asyncio.Queue[_Request] = field(default_factory=asyncio.Queue, repr=False)
 
 
 class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
     def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0, cache_size: int = 2048,
-                 encoder: OnnxEncoder | Bf16Encoder | None = None) -> None:
+                 encoder: OnnxEncoder | Bf16Encoder | None = None, background_wait_ms: float = 50.0,
+                 background_batch: int = 16) -> None:
         self._model = model
         self._encoder = encoder  # None: the model's own PyTorch fp32 forward pass
         self.backend = "onnx" if isinstance(encoder, OnnxEncoder) else "torch"
         self.precision = encoder.precision if encoder is not None else "fp32"
-        # Hugging Face fast tokenizers are not safe to share between threads: the encode thread keeps the
-        # model's own; token counting (event loop) and chunking (worker threads) get copies.
+        # Hugging Face fast tokenizers are not safe to share between threads: each lane's encoder has its own,
+        # token counting (event loop) and chunking (worker threads) get copies.
         self.tokenizer = copy.deepcopy(model.tokenizer)
         self.tokenizer.model_max_length = 1 << 30  # it only counts and splits: long inputs are expected
         self.max_seq_length = int(model.max_seq_length)
         self._batch_size = batch_size
-        self._max_wait = max_wait_ms / 1000
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
-        self._worker: asyncio.Task | None = None
+        urgent_pool = ThreadPoolExecutor(1, thread_name_prefix="embed-urgent")
+        # The plain PyTorch model is not thread-safe (its tokenizer): without an encoder both lanes share a thread.
+        background_pool = ThreadPoolExecutor(1, thread_name_prefix="embed-background") if encoder else urgent_pool
+        background_encoder = encoder.clone() if encoder is not None else None
+        self._urgent = _Lane("urgent", max_wait_ms / 1000, batch_size,
+                             lambda texts: self._encode(texts, encoder), urgent_pool)
+        self._background = _Lane("background", background_wait_ms / 1000, min(background_batch, batch_size),
+                                 lambda texts: self._encode(texts, background_encoder), background_pool)
+        self._workers: list[asyncio.Task] = []
         self.batches = 0  # forward passes run (observable by tests and metrics)
         # A turn embeds its message several times (stored for recall, the recall query, tool routing): the
         # most recent vectors are kept so each text costs one forward pass.
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
-        self._in_flight: dict[str, tuple[asyncio.Future, int]] = {}
+        self._in_flight: dict[str, tuple[asyncio.Future, int, _Lane]] = {}
 
     def new_tokenizer(self):
         """A private tokenizer for work in another thread (chunking a document)."""
@@ -68,7 +102,8 @@ class Embedder:
     @classmethod
     async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float, threads: int = 1,
                    backend: str = "onnx", onnx_cache_dir: Path | None = None,
-                   precision: str = "auto") -> Embedder:
+                   precision: str = "auto", background_wait_ms: float = 50.0,
+                   background_batch: int = 16) -> Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
         precision "bf16" (or "auto" on a CPU with AMX): the transformer traced under bfloat16 autocast (see
@@ -120,21 +155,26 @@ class Embedder:
             if not task.done():
                 _log.info("embedding_model_loading", elapsed_s=round(time.perf_counter() - started, 1))
         model, encoder = task.result()
-        embedder = cls(model, batch_size, max_wait_ms, encoder=encoder)
+        embedder = cls(model, batch_size, max_wait_ms, encoder=encoder, background_wait_ms=background_wait_ms,
+                       background_batch=background_batch)
         _log.info("embedding_model_ready", load_s=round(time.perf_counter() - started, 2), dim=EMBEDDING_DIM,
                   backend=embedder.backend, precision=embedder.precision)
         return embedder
 
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._run(), name="embedder")
+        self._workers = [asyncio.create_task(self._run(lane), name=f"embedder-{lane.name}")
+                         for lane in (self._urgent, self._background)]
 
     async def close(self) -> None:
-        if self._worker:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
             try:
-                await self._worker
+                await worker
             except asyncio.CancelledError:
                 pass
+        for lane in (self._urgent, self._background):
+            lane.executor.shutdown(wait=False, cancel_futures=True)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text with the model's tokenizer (special tokens excluded)."""
@@ -143,25 +183,29 @@ class Embedder:
         encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        """Unit-length embeddings, one row per text."""
+    async def embed(self, texts: list[str], background: bool = False) -> np.ndarray:
+        """Unit-length embeddings, one row per text. `background`: no one is waiting on them right now (see
+        the module's docstring): they are batched for throughput rather than latency."""
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        if self._worker is None:
+        if not self._workers:
             raise RuntimeError("Embedder.start() was not called")
+        lane = self._background if background else self._urgent
         found = {t: self._cache[t] for t in texts if t in self._cache}
-        pending = {t: self._in_flight[t] for t in texts if t not in found and t in self._in_flight}
+        pending = {t: entry[:2] for t in texts if t not in found and (entry := self._in_flight.get(t))
+                   and (background or entry[2] is lane)}  # an urgent caller does not wait on a background pass
         missing = [t for t in dict.fromkeys(texts) if t not in found and t not in pending]
         if missing:
             future = asyncio.get_running_loop().create_future()
             for i, text in enumerate(missing):  # concurrent callers of the same text wait for this pass
-                self._in_flight[text] = (future, i)
+                self._in_flight[text] = (future, i, lane)
             try:
-                await self._queue.put(_Request(missing, future))
+                await lane.queue.put(_Request(missing, future))
                 found.update(zip(missing, await asyncio.shield(future)))
             finally:
                 for text in missing:
-                    self._in_flight.pop(text, None)
+                    if self._in_flight.get(text, (None,))[0] is future:
+                        del self._in_flight[text]
         for text, (future, i) in pending.items():
             found[text] = (await asyncio.shield(future))[i]
         for text in dict.fromkeys(texts):
@@ -171,46 +215,53 @@ class Embedder:
             self._cache.popitem(last=False)
         return np.stack([found[t] for t in texts])
 
-    async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            batch = [first]
-            size = len(first.texts)
-            deadline = time.perf_counter() + self._max_wait
-            while size < self._batch_size:
-                remaining = deadline - time.perf_counter()
-                try:
-                    nxt = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
-                        self._queue.get(), remaining
-                    )
-                except (asyncio.QueueEmpty, TimeoutError):
-                    break
-                batch.append(nxt)
-                size += len(nxt.texts)
-            texts = [t for req in batch for t in req.texts]
+    async def _next_batch(self, lane: _Lane) -> list[_Request]:
+        """Requests for one pass: until `lane.fill` texts or the oldest has waited `lane.max_wait`, then whatever
+        else is already queued, up to `batch_size`."""
+        batch = [await lane.queue.get()]
+        size = len(batch[0].texts)
+        deadline = batch[0].arrived + lane.max_wait
+        while size < self._batch_size:
+            remaining = deadline - time.perf_counter()
             try:
-                vectors = await asyncio.to_thread(self._encode, texts)
+                if size >= lane.fill or remaining <= 0:
+                    nxt = lane.queue.get_nowait()
+                else:
+                    nxt = await asyncio.wait_for(lane.queue.get(), remaining)
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+            batch.append(nxt)
+            size += len(nxt.texts)
+        return batch
+
+    async def _run(self, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch(lane)
+            known = {t: self._cache[t] for req in batch for t in req.texts if t in self._cache}
+            texts = list(dict.fromkeys(t for req in batch for t in req.texts if t not in known))
+            try:
+                if texts:
+                    known.update(zip(texts, await loop.run_in_executor(lane.executor, lane.encode, texts)))
+                    self.batches += 1
             except Exception as exc:  # every waiter sees the failure; the worker keeps running
                 for req in batch:
                     if not req.future.done():
                         req.future.set_exception(exc)
                 continue
-            self.batches += 1
-            offset = 0
             for req in batch:
-                n = len(req.texts)
                 if not req.future.done():
-                    req.future.set_result(vectors[offset : offset + n])
-                offset += n
+                    req.future.set_result(np.stack([known[t] for t in req.texts]))
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        if self._encoder is not None:  # by length, like sentence-transformers, so a batch pads little
+    def _encode(self, texts: list[str], encoder: OnnxEncoder | Bf16Encoder | None) -> np.ndarray:
+        """One lane's forward passes (in its thread), with that lane's encoder."""
+        if encoder is not None:  # by length, like sentence-transformers, so a batch pads little
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
             vectors = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-            step = min(self._batch_size, self._encoder.max_batch)
+            step = min(self._batch_size, encoder.max_batch)
             for start in range(0, len(order), step):
                 chunk = order[start:start + step]
-                vectors[chunk] = self._encoder.encode([texts[i] for i in chunk])
+                vectors[chunk] = encoder.encode([texts[i] for i in chunk])
             return vectors
         return self._model.encode(
             texts,

@@ -21,6 +21,7 @@ models); `supported()` says why another is not, and the caller falls back to pla
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import warnings
@@ -114,8 +115,21 @@ def _export(model, target: Path) -> None:
     tmp.replace(target)  # atomic: a concurrent loader sees the old state or the whole file
 
 
-class OnnxEncoder:
-    """Encodes texts to unit-length fp32 vectors with ONNX Runtime. Not thread-safe (one encode thread uses it)."""
+class _Encoder:
+    """What the compiled encoders share. Not thread-safe: one thread per instance (see `clone`)."""
+
+    _tokenizer = None
+
+    def clone(self):
+        """The same compiled model with a tokenizer of its own, for a second encode thread (the model itself
+        may run in several threads at once; a fast tokenizer may not)."""
+        twin = copy.copy(self)
+        twin._tokenizer = copy.deepcopy(self._tokenizer)
+        return twin
+
+
+class OnnxEncoder(_Encoder):
+    """Encodes texts to unit-length fp32 vectors with ONNX Runtime."""
 
     precision = "fp32"
     max_batch = 64  # texts per run: throughput is flat from 16 to 64 here
@@ -149,8 +163,8 @@ class OnnxEncoder:
         return _mean_pool_normalize(hidden, batch["attention_mask"])
 
 
-class Bf16Encoder:
-    """Encodes texts with the transformer's matrix products in bfloat16 (TorchScript, frozen). Not thread-safe."""
+class Bf16Encoder(_Encoder):
+    """Encodes texts with the transformer's matrix products in bfloat16 (TorchScript, frozen)."""
 
     precision = "bf16"
     max_batch = 32  # texts per run: the fastest here (680 texts/s at 32, 490 at 64, one thread)

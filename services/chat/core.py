@@ -125,20 +125,25 @@ class ChatCore:
                 req.message, self.settings, req.options.max_tokens, self.default_max_tokens))
             await g.budget.check(req.user_id)
         lookups = self.start_lookups(req)  # recall and document search need only the message: they start now
+        history = None
         try:
-            with step("session"):
-                if req.session_id:  # NOT_FOUND if not the user's
-                    session = await self.memory.get_session(req.user_id, req.session_id)
-                else:
-                    session = await self.memory.create_session(req.user_id, title=req.message[:80])
-            session_id = session.conversation_id
+            if req.session_id:  # the window is read while the message is stored (`assemble` joins the two)
+                history = asyncio.ensure_future(
+                    self.memory.history(req.user_id, req.session_id, self.settings.history_token_budget))
+                session_id = req.session_id
+            else:
+                with step("session"):
+                    session_id = (await self.memory.create_session(req.user_id, title=req.message[:80])).conversation_id
+            with step("persist_message"):  # NOT_FOUND (nothing stored) unless the session is the user's
+                stored, session = await self.memory.append(req.user_id, session_id,
+                                                           [PromptMessage("user", req.message)])
             yield SessionStarted(session_id)
-            with step("persist_message"):
-                await self.memory.append(req.user_id, session_id, [PromptMessage("user", req.message)])
             with step("context"):
-                ctx = await self.assemble(req, session_id, session.summary, lookups)
+                ctx = await self.assemble(req, session, PromptMessage.from_memory(stored[0]), history, lookups)
         except BaseException:
             lookups.cancel()
+            if history is not None:
+                history.cancel()
             raise
         model = req.options.model or await self.agent.catalog.default_model()
         use_cache = g.cache.enabled and not req.options.skip_cache
@@ -201,31 +206,47 @@ class ChatCore:
             await self.approvals.save(state.pending[0].approval_id, user_id, session_id, state.to_json())
         else:
             to_store.append(PromptMessage("assistant", answer or "(no answer)"))
-        stored = await self.memory.append(user_id, session_id, to_store) if to_store else []
         tools_called = ",".join(r.name for r in records) or None
         request_id = req.request_id or current_request_id() or ""  # one id per turn in the usage rows
-        summary_call = None
-        if not state.pending and not cache_hit:
-            summary_call = await self._summarize(user_id, session, 1 + len(stored), ctx.window + len(stored),
-                                                 state.model)
-        await g.usage.record_many([
-            usage_row(
+
+        async def store() -> list[mpb.Message]:
+            return (await self.memory.append(user_id, session_id, to_store))[0] if to_store else []
+
+        def rows(summary_call: ModelCall | None) -> list[dict]:
+            return [usage_row(
                 user_id=user_id, model=call.model, provider=call.provider, prompt_tokens=call.prompt_tokens,
                 completion_tokens=call.completion_tokens, cost_usd=call.cost_usd if call.priced else None,
                 priced=call.priced, estimated=call.estimated, latency_ms=call.latency_ms, cache_hit=False,
                 tool_called=tools_called, kind=kind, session_id=session_id, request_id=request_id)
-            for call, kind in [(c, "generate") for c in calls] + ([(summary_call, "summary")] if summary_call else [])
-        ])
-        if summary_call:
-            usage.add(summary_call.prompt_tokens, summary_call.completion_tokens, summary_call.cost_usd,
-                      summary_call.priced, summary_call.estimated)
+                for call, kind in [(c, "generate") for c in calls] + ([(summary_call, "summary")] if summary_call
+                                                                      else [])]
+
+        async def account(summary_call: ModelCall | None) -> None:
+            """Usage rows, then the charges (the budget's rebuild from the rows relies on this order)."""
+            await g.usage.record_many(rows(summary_call))
+            await asyncio.gather(g.limits.charge(user_id, usage.total_tokens),
+                                 g.budget.charge(user_id, usage.cost_usd if usage.priced else None))
+
         if cache_hit:
-            usage = Usage()
+            stored = await store()
             await g.usage.record(user_id=user_id, model=state.served_model, provider=state.provider, kind="cache",
                                  cache_hit=True, cost_usd=0.0, priced=True, session_id=session_id,
                                  request_id=request_id)
-        await asyncio.gather(g.limits.charge(user_id, usage.total_tokens),
-                             g.budget.charge(user_id, usage.cost_usd if usage.priced else None))
+            usage = Usage()
+        elif not state.pending and self.summarizer.due(session, ctx.window + len(to_store), len(to_store)):
+            stored = await store()  # the summary (rare) folds in what is stored, and is charged with the turn
+            summary_call = await self._summarize(user_id, session_id, ctx.window + len(stored), state.model)
+            if summary_call:
+                usage.add(summary_call.prompt_tokens, summary_call.completion_tokens, summary_call.cost_usd,
+                          summary_call.priced, summary_call.estimated)
+            await account(summary_call)
+        else:
+            # Storing the answer and accounting for the turn are independent: they run together. Both are
+            # attempted even when one fails (the model calls happened and cost what they cost).
+            stored, accounted = await asyncio.gather(store(), account(None), return_exceptions=True)
+            for outcome in (stored, accounted):
+                if isinstance(outcome, BaseException):
+                    raise outcome
         result = TurnResult(
             response=answer, model=state.served_model, session_id=session_id, context_size=state.context_size,
             memory=ctx.memory, tool_calls=records, usage=usage, provider=state.provider, cache_hit=cache_hit,
@@ -247,14 +268,11 @@ class ChatCore:
             return "sha256:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
         return prompt[: self.settings.log_prompt_max_chars]
 
-    async def _summarize(self, user_id: str, session: mpb.Conversation, added: int, window: int,
-                         model: str) -> ModelCall | None:
-        """Fold old turns into the summary when due. `session` is as the turn found it and `added` (at least) what
-        the turn stored since: due is decided without a call; only then is the session read again, fresh."""
+    async def _summarize(self, user_id: str, session_id: str, window: int, model: str) -> ModelCall | None:
+        """Fold old turns into the summary (`_finish` found it due, without a call); the session is read again,
+        fresh, for it."""
         try:
-            if not self.summarizer.due(session, window, added):
-                return None
-            fresh = await self.memory.get_session(user_id, session.conversation_id)
+            fresh = await self.memory.get_session(user_id, session_id)
             return await self.summarizer.maybe_summarize(user_id, fresh, window, model)
         except ParleyError as exc:  # a missed summary is retried on the next turn
             _log.warning("summary_failed", error=exc.message)
@@ -277,12 +295,14 @@ class ChatCore:
             asyncio.ensure_future(self._documents(req, warnings) if use_documents else _nothing()),
             warnings)
 
-    async def assemble(self, req: TurnRequest, session_id: str, summary: str, lookups: Lookups) -> AssembledContext:
-        """System prompt + summary + recalled memories + the recent window (which ends with this message)."""
-        history = await self.memory.history(req.user_id, session_id, self.settings.history_token_budget)
+    async def assemble(self, req: TurnRequest, session: mpb.Conversation, message: PromptMessage,
+                       earlier: asyncio.Future | None, lookups: Lookups) -> AssembledContext:
+        """System prompt + summary + recalled memories + the recent window, which ends with `message` (stored).
+        `earlier`: the session's newest messages within the history budget (None: a new session)."""
+        history = fit_window(await earlier if earlier is not None else [], message,
+                             self.settings.history_token_budget)
+        summary = session.summary
         warnings = lookups.warnings
-        if not history:  # this message alone is over the history budget: it is still what the model must answer
-            history = [PromptMessage("user", req.message)]
         in_window = {m.message_id for m in history if m.message_id}
         hits = await lookups.recall
         kept = [h for h in hits if h.message.message_id not in in_window][: self.settings.recall_top_k]
@@ -334,6 +354,20 @@ class ChatCore:
         return [MemoryItem(source="document", content=c.content, score=c.score, origin_id=c.document_id, role="",
                            created_at=None)
                 for c in chunks if c.score >= self.settings.document_min_score]
+
+
+def fit_window(earlier: list[PromptMessage], message: PromptMessage, budget: int) -> list[PromptMessage]:
+    """The newest of `earlier` whose tokens fit `budget` with `message` (stored), then `message`, which is always
+    there: it is what the model must answer. `earlier` (oldest first) may hold `message` or not: it was read while
+    `message` was being stored."""
+    budget -= message.token_count
+    kept: list[PromptMessage] = []
+    for m in reversed([m for m in earlier if m.message_id != message.message_id]):
+        budget -= m.token_count
+        if budget < 0:
+            break
+        kept.append(m)
+    return [*reversed(kept), message]
 
 
 @dataclass

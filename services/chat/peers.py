@@ -25,6 +25,7 @@ class PromptMessage:
     tool_call_id: str = ""
     name: str = ""
     message_id: str = ""
+    token_count: int = 0  # as the memory service counted it (0: not stored yet)
 
     def to_inference(self) -> ipb.Message:
         return ipb.Message(
@@ -51,6 +52,7 @@ class PromptMessage:
             tool_calls=[(c.id, c.name, c.arguments_json) for c in m.tool_calls] or None,
             tool_call_id=m.tool_call_id,
             message_id=m.message_id,
+            token_count=m.token_count,
         )
 
 
@@ -68,7 +70,9 @@ class MemoryPeer:
         )
         return r.conversation
 
-    async def append(self, user_id: str, session_id: str, messages: list[PromptMessage]) -> list[mpb.Message]:
+    async def append(self, user_id: str, session_id: str,
+                     messages: list[PromptMessage]) -> tuple[list[mpb.Message], mpb.Conversation]:
+        """Store messages (NOT_FOUND unless the session is the user's); them, and the session as they left it."""
         r = await self.client.call(
             "AppendMessages",
             mpb.AppendMessagesRequest(
@@ -76,7 +80,7 @@ class MemoryPeer:
                 async_embedding=True,  # recall of this turn's messages is only needed from the next turn on
             ),
         )
-        return list(r.messages)
+        return list(r.messages), r.conversation
 
     async def history(self, user_id: str, session_id: str, token_budget: int) -> list[PromptMessage]:
         r = await self.client.call(

@@ -138,7 +138,8 @@ class MemoryCore:
         _metadata(m.metadata, f"{field}.metadata")
 
     async def append_messages(self, user_id: str, conversation_id: str, messages: list[NewMessage],
-                              wait_for_embedding: bool = True) -> list[Message]:
+                              wait_for_embedding: bool = True) -> tuple[list[Message], Conversation]:
+        """Store a turn atomically; its messages and the conversation as the append left it."""
         v.user_id(user_id)
         cid = v.uuid_id(conversation_id, "conversation_id")
         if not messages:
@@ -151,15 +152,16 @@ class MemoryCore:
         # The embedding is computed while the turn is being written (it does not depend on the write),
         # and stored right after the commit.
         texts = [m.content for m in messages if m.content.strip()]
-        embedding = asyncio.ensure_future(self.embedder.embed(texts))
+        embedding = asyncio.ensure_future(self.embedder.embed(texts, background=not wait_for_embedding))
         try:
-            stored = await self.store.append_messages(user_id, cid, messages, counts)
+            appended = await self.store.append_messages(user_id, cid, messages, counts)
         except BaseException:
             embedding.cancel()
             raise
-        if stored is None:
+        if appended is None:
             embedding.cancel()
             raise _not_found("conversation", conversation_id)
+        stored, conversation = appended
         todo = [m for m in stored if m.content.strip()]
         if wait_for_embedding:
             await self._fill_embeddings(todo, embedding)
@@ -167,7 +169,7 @@ class MemoryCore:
             task = asyncio.create_task(self._fill_embeddings(todo, embedding))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        return stored
+        return stored, conversation
 
     async def close(self) -> None:
         """Let embeddings in flight finish (briefly); whatever does not is left to the backfill."""
@@ -241,7 +243,7 @@ class MemoryCore:
         if not 0 <= overlap < size:
             raise v.invalid("chunk_overlap", f"must be between 0 and {size - 1} (below chunk_tokens)")
         chunks = await asyncio.to_thread(chunk_text, content, self.embedder.new_tokenizer(), size, overlap)
-        vectors = await self.embedder.embed(chunks)
+        vectors = await self.embedder.embed(chunks, background=True)  # bulk: not ahead of recall queries
         doc = Document(
             id=uuid.uuid4(), user_id=user_id, title=title, source=source, visibility=visibility,
             chunk_count=len(chunks), metadata=_metadata(metadata, "metadata"), created_at=datetime.now(),
@@ -364,7 +366,7 @@ class EmbeddingBackfill:
                 reraise=True,
             ):
                 with attempt:
-                    vectors = await self._embedder.embed([c for _, c in todo])
+                    vectors = await self._embedder.embed([c for _, c in todo], background=True)
                     await self._store.set_embeddings([mid for mid, _ in todo], vectors)
             filled += len(todo)
             self.filled += len(todo)

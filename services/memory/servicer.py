@@ -98,10 +98,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def AppendMessages(self, request, context):
         messages = [_new_message(i, m) for i, m in enumerate(request.messages)]
-        stored = await self.core.append_messages(
+        stored, conversation = await self.core.append_messages(
             request.user_id, request.conversation_id, messages, wait_for_embedding=not request.async_embedding
         )
-        return pb.AppendMessagesResponse(messages=[message_pb(m) for m in stored])
+        return pb.AppendMessagesResponse(messages=[message_pb(m) for m in stored],
+                                         conversation=conversation_pb(conversation))
 
     async def ListMessages(self, request, context):
         rows, token = await self.core.list_messages(

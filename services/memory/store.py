@@ -34,10 +34,12 @@ def vector_literal(vector: Sequence[float]) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
 
-def _conversation(row) -> Conversation:
+def _conversation(row, prefix: str = "") -> Conversation:
+    """A conversation from a row (its columns named `prefix` + column, when joined with others)."""
+    col = {c: getattr(row, prefix + c) for c in _CONVERSATION_COLUMNS.split(", ")}
     return Conversation(
-        id=row.id, user_id=row.user_id, title=row.title, summary=row.summary, metadata=row.metadata,
-        message_count=row.message_count, created_at=row.created_at, updated_at=row.updated_at,
+        id=col["id"], user_id=col["user_id"], title=col["title"], summary=col["summary"], metadata=col["metadata"],
+        message_count=col["message_count"], created_at=col["created_at"], updated_at=col["updated_at"],
     )
 
 
@@ -160,12 +162,14 @@ class MemoryStore:
 
     async def append_messages(
         self, user_id: str, conversation_id: uuid.UUID, messages: list[NewMessage], token_counts: list[int]
-    ) -> list[Message] | None:
-        """Insert a turn atomically; None (and nothing written) when the conversation is not the user's.
+    ) -> tuple[list[Message], Conversation] | None:
+        """Insert a turn atomically; the stored messages and the conversation as the append left it, or None (and
+        nothing written) when the conversation is not the user's.
 
         One statement (its own transaction): the conversation's counters are bumped by a data-modifying CTE that
         only matches the caller's conversation, and the messages are inserted only if it did — one round trip.
         """
+        conversation_columns = ", ".join(f"owner.{c} AS conversation_{c}" for c in _CONVERSATION_COLUMNS.split(", "))
         async with self.engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             rows = await conn.execute(
@@ -173,18 +177,22 @@ class MemoryStore:
                     f"""
                     WITH owner AS (
                         UPDATE conversations SET message_count = message_count + :n, updated_at = now()
-                        WHERE id = :conversation_id AND user_id = :user_id RETURNING id
+                        WHERE id = :conversation_id AND user_id = :user_id RETURNING {_CONVERSATION_COLUMNS}
+                    ), stored AS (
+                        INSERT INTO messages (id, conversation_id, user_id, role, content, tool_calls, tool_call_id,
+                                              token_count, metadata)
+                        SELECT m.id, owner.id, :user_id, m.role, m.content, m.tool_calls::jsonb, m.tool_call_id,
+                               m.token_count, m.metadata::jsonb
+                        FROM owner, unnest(CAST(:ids AS uuid[]), CAST(:roles AS smallint[]),
+                                           CAST(:contents AS text[]), CAST(:tool_calls AS text[]),
+                                           CAST(:tool_call_ids AS text[]), CAST(:token_counts AS int[]),
+                                           CAST(:metadatas AS text[]))
+                             WITH ORDINALITY AS m(id, role, content, tool_calls, tool_call_id, token_count, metadata,
+                                                  ord)
+                        ORDER BY m.ord
+                        RETURNING {_MESSAGE_COLUMNS}
                     )
-                    INSERT INTO messages (id, conversation_id, user_id, role, content, tool_calls, tool_call_id,
-                                          token_count, metadata)
-                    SELECT m.id, owner.id, :user_id, m.role, m.content, m.tool_calls::jsonb, m.tool_call_id,
-                           m.token_count, m.metadata::jsonb
-                    FROM owner, unnest(CAST(:ids AS uuid[]), CAST(:roles AS smallint[]), CAST(:contents AS text[]),
-                                       CAST(:tool_calls AS text[]), CAST(:tool_call_ids AS text[]),
-                                       CAST(:token_counts AS int[]), CAST(:metadatas AS text[]))
-                         WITH ORDINALITY AS m(id, role, content, tool_calls, tool_call_id, token_count, metadata, ord)
-                    ORDER BY m.ord
-                    RETURNING {_MESSAGE_COLUMNS}
+                    SELECT stored.*, {conversation_columns} FROM stored, owner ORDER BY stored.seq
                     """
                 ),
                 {
@@ -200,8 +208,10 @@ class MemoryStore:
                     "metadatas": [json.dumps(m.metadata) for m in messages],
                 },
             )
-            stored = sorted((_message(r) for r in rows), key=lambda m: m.seq)
-        return stored or None
+            rows = rows.all()
+        if not rows:
+            return None
+        return [_message(r) for r in rows], _conversation(rows[0], prefix="conversation_")
 
     async def set_embeddings(self, ids: list[uuid.UUID], vectors: np.ndarray) -> None:
         """Store the vectors (one row each, in `ids` order) of messages."""

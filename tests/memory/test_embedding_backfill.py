@@ -30,11 +30,11 @@ async def test_failed_embedding_is_stored_then_backfilled(parts, monkeypatch):
     core, store, embedder = parts
     conv = await core.create_conversation("backfill-user", "", {})
 
-    def broken(texts):
+    def broken(texts, encoder):
         raise RuntimeError("embedding model crashed")
 
     monkeypatch.setattr(embedder, "_encode", broken)  # fault injection into the real embedder
-    stored = await core.append_messages("backfill-user", str(conv.id), [
+    stored, _ = await core.append_messages("backfill-user", str(conv.id), [
         NewMessage(Role.USER, "My favourite colour is ultramarine."),
         NewMessage(Role.ASSISTANT, "Ultramarine is a deep blue."),
     ])
@@ -77,7 +77,7 @@ async def test_concurrent_appends_and_chunking_all_embed(parts):
     docs = [core.ingest_document("concurrent-user", f"doc {i}", "", "A paragraph of text. " * 200, 1, {}, 32, 4)
             for i in range(3)]
     results = await asyncio.gather(*appends, *docs)
-    assert all(m.embedded for batch in results[:32] for m in batch), "every message got its embedding"
+    assert all(m.embedded for batch, _ in results[:32] for m in batch), "every message got its embedding"
     assert all(d.chunk_count > 10 for d in results[32:])
 
 
@@ -121,3 +121,44 @@ async def test_recall_through_the_hnsw_path_matches_the_exact_path(parts):
     assert [m.content for m, _ in exact][0] == "I am allergic to peanuts."
     assert [m.id for m, _ in approximate] == [m.id for m, _ in exact]
     assert all(m.user_id == "hnsw-user" for m, _ in approximate)
+
+
+@pytest.fixture
+async def lanes(parts):
+    """A second embedder over the same loaded model, with a background lane that waits long to fill up."""
+    _, _, loaded = parts
+    embedder = Embedder(loaded._model, batch_size=64, max_wait_ms=2, encoder=loaded._encoder,
+                        background_wait_ms=10_000, background_batch=4)
+    encoded: list[list[str]] = []
+    real = embedder._encode
+
+    def recording(texts, encoder):  # the real forward pass, with a record of what it was given
+        encoded.append(list(texts))
+        return real(texts, encoder)
+
+    embedder._encode = recording
+    embedder.start()
+    yield embedder, encoded
+    await embedder.close()
+
+
+async def test_background_texts_wait_to_fill_a_batch(lanes):
+    embedder, encoded = lanes
+    first = [asyncio.ensure_future(embedder.embed([f"background note {i}"], background=True)) for i in range(3)]
+    await asyncio.sleep(0.3)
+    assert not any(f.done() for f in first) and encoded == [], "3 texts wait for a 4th (or 10 s)"
+    last = await asyncio.wait_for(embedder.embed(["background note 3"], background=True), 5)
+    vectors = await asyncio.wait_for(asyncio.gather(*first), 5)
+    assert encoded == [[f"background note {i}" for i in range(4)]], "one forward pass for the four"
+    assert all(v.shape == (1, 384) for v in [*vectors, last])
+
+
+async def test_urgent_texts_do_not_wait_for_background_batches(lanes):
+    embedder, encoded = lanes
+    queued = asyncio.ensure_future(embedder.embed(["shared text"], background=True))
+    await asyncio.sleep(0.05)
+    urgent = await asyncio.wait_for(embedder.embed(["shared text"]), 5)  # does not wait for the background pass
+    assert not queued.done() and encoded == [["shared text"]]
+    await asyncio.wait_for(embedder.embed(["a", "b", "c"], background=True), 5)  # fills the background batch
+    assert (await asyncio.wait_for(queued, 5) == urgent).all()
+    assert encoded == [["shared text"], ["a", "b", "c"]], "the background pass skipped what the urgent one computed"

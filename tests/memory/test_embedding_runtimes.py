@@ -97,7 +97,7 @@ async def test_bfloat16_vectors_stay_within_cosine_0_9995_of_fp32(runtimes):
     try:
         assert (bf16.backend, bf16.precision) == ("torch", "bf16")
         reference, batched = await onnx.embed(TEXTS), await bf16.embed(TEXTS)  # pairs sorted by length: padded
-        alone = [bf16._encode([t])[0] for t in TEXTS]  # one at a time: other shapes, other kernels
+        alone = [bf16._encode([t], bf16._encoder)[0] for t in TEXTS]  # one at a time: other shapes, other kernels
     finally:
         await bf16.close()
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
@@ -137,7 +137,7 @@ async def test_concurrent_turns_share_vector_writes(core, monkeypatch):
     batches = await asyncio.gather(*(
         memory.append_messages("writer-user", str(conv.id), [NewMessage(Role.USER, f"fact number {i} about me")])
         for i in range(24)))
-    assert all(m.embedded for batch in batches for m in batch)
+    assert all(m.embedded for batch, _ in batches for m in batch)
     assert sum(statements) == 24 and len(statements) < 12, f"coalesced, got {statements}"
     async with store.engine.connect() as conn:
         missing = (await conn.execute(text(

@@ -60,6 +60,10 @@ async def test_append_is_ordered_counted_and_embedded(memory):
     assert all(m.embedded and m.token_count > 0 for m in r.messages)
     conv = (await memory.GetConversation(pb.GetConversationRequest(user_id=user, conversation_id=cid))).conversation
     assert conv.message_count == 2 and conv.title == "first"
+    assert r.conversation == conv, "the append answers with the conversation as it left it"
+    again = await append(memory, user, cid, (pb.ROLE_USER, "And I work in Porto."))
+    assert (again.conversation.message_count, again.conversation.user_id) == (3, user)
+    assert again.conversation.update_time.ToDatetime() >= conv.update_time.ToDatetime()
 
 
 async def test_tool_messages_round_trip(memory):

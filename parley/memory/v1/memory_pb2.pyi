@@ -202,10 +202,12 @@ class AppendMessagesRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[NewMessage, _Mapping]]] = ..., async_embedding: _Optional[bool] = ...) -> None: ...
 
 class AppendMessagesResponse(_message.Message):
-    __slots__ = ("messages",)
+    __slots__ = ("messages", "conversation")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[Message]
-    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+    conversation: Conversation
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
 
 class ListMessagesRequest(_message.Message):
     __slots__ = ("user_id", "conversation_id", "page_size", "page_token", "token_budget", "last_n")
