@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text
 
-from bench.common import free_port, pct, process, summary_ms, table, wait_serving
+from bench.common import cpu_seconds, free_port, pct, process, summary_ms, table, wait_serving
 from parley.memory.v1 import memory_pb2 as pb
 from parley.memory.v1 import memory_pb2_grpc
 from parley.runtime.app import running
@@ -87,8 +88,15 @@ async def embed_cached(embedder: Embedder, texts: list[str], name: str) -> np.nd
     return vectors
 
 
+def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process (with its descendants), and of this one ("client")."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"client": usage.ru_utime + usage.ru_stime, **{name: cpu_seconds(pid) for name, pid in pids.items()}}
+
+
 async def bench_ingestion(stub, db: Database, users: int, sequential: int, writers: int, per_writer: int,
-                          async_embedding: bool, tag: str, seed: int) -> dict[str, float]:
+                          async_embedding: bool, tag: str, seed: int,
+                          pids: dict[str, int]) -> dict[str, float]:
     """Appends through gRPC, one message per call; the clock stops when the last embedding is stored.
 
     async_embedding=False: each AppendMessages returns once its vectors are stored.
@@ -116,21 +124,28 @@ async def bench_ingestion(stub, db: Database, users: int, sequential: int, write
                 return
             await asyncio.sleep(0.005)
 
-    started = time.perf_counter()
+    def cpu_ms_per_message(before: dict[str, float], n: int) -> dict[str, float]:
+        return {k: (v - before[k]) * 1000 / n for k, v in cpu_by_process(pids).items()}
+
+    started, cpu = time.perf_counter(), cpu_by_process(pids)
     for t in texts[:sequential]:
         await one(0, t)
     await all_embedded()
     seq_rate = sequential / (time.perf_counter() - started)
+    seq_cpu = cpu_ms_per_message(cpu, sequential)
 
     async def writer(w: int) -> None:
         for t in texts[sequential + w * per_writer: sequential + (w + 1) * per_writer]:
             await one(w % users, t)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_by_process(pids)
     await asyncio.gather(*(writer(w) for w in range(writers)))
     await all_embedded()
     conc_rate = writers * per_writer / (time.perf_counter() - started)
-    return {"sequential": seq_rate, "concurrent": conc_rate}
+    conc_cpu = cpu_ms_per_message(cpu, writers * per_writer)
+    return {"sequential": seq_rate, "concurrent": conc_rate,
+            **{f"sequential_cpu_{k}": v for k, v in seq_cpu.items()},
+            **{f"concurrent_cpu_{k}": v for k, v in conc_cpu.items()}}
 
 
 async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, users: int) -> dict[str, list]:
@@ -288,6 +303,9 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
     results = {}
     with process([sys.executable, "-m", "parley.cli", "serve", "memory"], env, str(tmp / "memory.log")) as proc:
         wait_serving(f"127.0.0.1:{port}", proc)
+        pids = {"server": proc.pid}
+        if (tmp / "pg" / "postmaster.pid").exists():  # the embedded PostgreSQL: its backends are its children
+            pids["postgres"] = int((tmp / "pg" / "postmaster.pid").read_text().split()[0])
         channel = make_channel(f"127.0.0.1:{port}")
         db = Database(url)
         try:
@@ -296,7 +314,7 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
                                 (False, "synchronous (each call waits for its vectors)")):
                 rounds = [await bench_ingestion(stub, db, args.writers, args.sequential, args.writers,
                                                 args.per_writer, mode, f"{'a' if mode else 's'}{r}",
-                                                seed=100 * r + mode) for r in range(args.rounds)]
+                                                seed=100 * r + mode, pids=pids) for r in range(args.rounds)]
                 results[mode] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
                 def spread(key: str, rounds=rounds) -> str:
@@ -305,6 +323,11 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
 
                 print(f"  {label}: batch 1, one writer {spread('sequential')} msgs/s; "
                       f"{args.writers} concurrent writers {spread('concurrent')} msgs/s")
+                for phase in ("sequential", "concurrent"):  # CPU cost: steadier than rates on a shared machine
+                    costs = ", ".join(f"{name} {results[mode][f'{phase}_cpu_{name}']:.2f}"
+                                      for name in ("client", *pids))
+                    print(f"    CPU ms per message, {'one writer' if phase == 'sequential' else 'concurrent'}: "
+                          f"{costs}")
         finally:
             await channel.close()
             await db.close()
