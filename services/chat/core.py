@@ -143,7 +143,7 @@ class ChatCore:
         except BaseException:
             lookups.cancel()
             if history is not None:
-                history.cancel()
+                _discard(history)
             raise
         model = req.options.model or await self.agent.catalog.default_model()
         use_cache = g.cache.enabled and not req.options.skip_cache
@@ -379,8 +379,16 @@ class Lookups:
     warnings: list[str]
 
     def cancel(self) -> None:
-        self.recall.cancel()
-        self.documents.cancel()
+        _discard(self.recall)
+        _discard(self.documents)
+
+
+def _discard(future: asyncio.Future) -> None:
+    """Cancel a lookup the turn no longer needs; if it already failed, its error is dropped (the turn fails for a
+    reason of its own), not logged later as never retrieved."""
+    future.cancel()
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 async def _nothing() -> list:
