@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from parley.memory.v1 import memory_pb2 as pb
 from parley.memory.v1 import memory_pb2_grpc
 from parley.runtime.clients import make_channel
-from parley.runtime.db import Database
+from parley.runtime.db import VECTOR_SCAN_SETTINGS, Database, migrate
 from parley.runtime.errors import Unavailable, from_exception
 
 
@@ -123,3 +123,19 @@ async def test_the_service_survives_a_database_restart(start_stack, database_url
             await stub.ListConversations(request)  # retried by the channel: the caller sees success
         finally:
             await channel.close()
+
+
+async def test_every_session_scans_hnsw_with_parleys_settings(database_url):
+    """Set at connect time (no SET LOCAL, hence no transaction, before each search), on both engines."""
+    await migrate(database_url)  # the vector extension
+    db = Database(database_url, pool_size=1)
+    try:
+        seen = []
+        for engine in (db.engine, db.derived_engine):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT CAST('[1,2,3]' AS vector)"))  # pgvector's library now loaded
+                seen.append(tuple([(await conn.execute(text(f"SHOW {name}"))).scalar_one()
+                                   for name in VECTOR_SCAN_SETTINGS]))
+    finally:
+        await db.close()
+    assert seen == [tuple(VECTOR_SCAN_SETTINGS.values())] * 2 == [("100", "relaxed_order")] * 2

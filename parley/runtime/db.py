@@ -60,6 +60,12 @@ def _ping_when_idle(engine: Engine, idle_s: float) -> None:
             raise DisconnectionError(f"pooled connection idle {time.monotonic() - returned:.0f} s was dead") from exc
 
 
+# pgvector's HNSW scans (memory recall of large users, document search): 100 candidates per scan, and iterative
+# scans, so that a selective filter (one user's rows) does not starve the result list. Sent at connect time for
+# every connection's session, instead of SET LOCAL (and the transaction it needs) before each search.
+VECTOR_SCAN_SETTINGS = {"hnsw.ef_search": "100", "hnsw.iterative_scan": "relaxed_order"}
+
+
 class Database:
     """The engines and session factory of one process, built once and disposed on shutdown.
 
@@ -79,7 +85,7 @@ class Database:
         self._derived: AsyncEngine | None = None
 
     def _engine(self, pool_size: int, server_settings: dict[str, str] | None = None, **options) -> AsyncEngine:
-        settings = {"application_name": self._application_name, **(server_settings or {})}
+        settings = {"application_name": self._application_name, **VECTOR_SCAN_SETTINGS, **(server_settings or {})}
         engine = create_async_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
                                      connect_args={"server_settings": settings}, **options)
         _ping_when_idle(engine.sync_engine, self._ping_idle_s)

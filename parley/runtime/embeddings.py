@@ -1,12 +1,12 @@
 """Sentence embeddings, loaded once, with concurrent requests micro-batched into one forward pass.
 
 Callers `await embedder.embed(texts)`. Requests that arrive while a batch is being
-computed (or within `max_wait_ms` of each other) are merged into the next batch of up
-to `batch_size` texts, so 32 concurrent writers cost a few forward passes, not 32.
+computed are merged into the next batch of up to `batch_size` texts, so 32 concurrent
+writers cost a few forward passes, not 32.
 
 Two lanes, each with its own queue and encode thread:
 - urgent (the default): someone waits for the vector (a recall query, a synchronous append). A pass starts
-  `max_wait_ms` after the first request.
+  `max_wait_ms` after the first request (default 0: at once; the former 2 ms were added to every recall).
 - background (`embed(..., background=True)`): vectors that follow a commit (asynchronous appends, the backfill,
   document chunks). A pass waits until `background_batch` texts are queued or the oldest has waited
   `background_wait_ms`. A forward pass costs far more per text in small batches: one short text takes ~7 ms
@@ -66,7 +66,7 @@ class _Lane:
 class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
-    def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 2.0, cache_size: int = 2048,
+    def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 0.0, cache_size: int = 2048,
                  encoder: OnnxEncoder | Bf16Encoder | None = None, background_wait_ms: float = 50.0,
                  background_batch: int = 16) -> None:
         self._model = model

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from parley.runtime.db import VECTOR_SCAN_SETTINGS
 from parley.runtime.embeddings import EMBEDDING_DIM
 from services.memory.records import (
     Chunk,
@@ -26,7 +28,7 @@ from services.memory.records import (
 )
 
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
-HNSW_EF_SEARCH = 100
+HNSW_EF_SEARCH = int(VECTOR_SCAN_SETTINGS["hnsw.ef_search"])  # set for every session by `Database`
 HNSW_OVERFETCH = 4  # candidates per requested neighbour on the approximate recall plan
 
 
@@ -77,6 +79,13 @@ class MemoryStore:
         # B-tree narrows to them); beyond it, the HNSW index with iterative scans answers.
         self.exact_recall_max_messages = exact_recall_max_messages
 
+    @asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection whose statements each stand alone: a read, or a write that is one statement.
+        No BEGIN and no COMMIT/ROLLBACK: one round trip per statement."""
+        async with self.engine.connect() as conn:
+            yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+
     # -- conversations -------------------------------------------------------------------------
 
     async def create_conversation(self, user_id: str, title: str, metadata: dict[str, Any]) -> Conversation:
@@ -93,7 +102,7 @@ class MemoryStore:
         return _conversation(row)
 
     async def get_conversation(self, user_id: str, conversation_id: uuid.UUID) -> Conversation | None:
-        async with self.engine.connect() as conn:
+        async with self._autocommit() as conn:
             row = (
                 await conn.execute(
                     text(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = :id AND user_id = :user_id"),
@@ -117,7 +126,7 @@ class MemoryStore:
         if after:
             where += f" AND ({time_column}, id) < (:after_time, :after_id)"
             params.update(after_time=after[0], after_id=after[1])
-        async with self.engine.connect() as conn:
+        async with self._autocommit() as conn:
             return list(await conn.execute(
                 text(f"SELECT {columns} FROM {table} WHERE {where} ORDER BY {time_column} DESC, id DESC LIMIT :limit"),
                 params,
@@ -170,8 +179,7 @@ class MemoryStore:
         only matches the caller's conversation, and the messages are inserted only if it did — one round trip.
         """
         conversation_columns = ", ".join(f"owner.{c} AS conversation_{c}" for c in _CONVERSATION_COLUMNS.split(", "))
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommit() as conn:
             rows = await conn.execute(
                 text(
                     f"""
@@ -234,7 +242,7 @@ class MemoryStore:
 
     async def pending_embeddings(self, limit: int) -> list[tuple[uuid.UUID, str]]:
         """Messages stored without an embedding (embedding failed or the process died), oldest first."""
-        async with self.engine.connect() as conn:
+        async with self._autocommit() as conn:
             rows = await conn.execute(
                 text("SELECT id, content FROM messages WHERE embedding IS NULL AND btrim(content) <> '' ORDER BY seq LIMIT :limit"),
                 {"limit": limit},
@@ -249,7 +257,7 @@ class MemoryStore:
         if after_seq is not None:
             where += " AND seq > :after"
             params["after"] = after_seq
-        async with self.engine.connect() as conn:
+        async with self._autocommit() as conn:
             rows = await conn.execute(
                 text(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY seq LIMIT :limit"), params
             )
@@ -259,7 +267,7 @@ class MemoryStore:
         self, user_id: str, conversation_id: uuid.UUID, token_budget: int, limit: int
     ) -> list[Message]:
         """The newest messages whose token counts sum to at most the budget, oldest first."""
-        async with self.engine.connect() as conn:
+        async with self._autocommit() as conn:
             rows = await conn.execute(
                 text(
                     f"""
@@ -321,16 +329,12 @@ class MemoryStore:
 
     async def recall(self, q: RecallQuery) -> list[tuple[Message, float]]:
         exact, approximate, params = self.recall_statements(q)
-        async with self.engine.connect() as conn:
+        async with self._autocommit() as conn:
             owned = (await conn.execute(
                 text("SELECT coalesce(sum(message_count), 0) FROM conversations WHERE user_id = :user_id"),
                 {"user_id": q.user_id})).scalar_one()
-            if owned <= self.exact_recall_max_messages:
-                rows = (await conn.execute(exact, params)).all()
-            else:
-                await _tune_vector_search(conn)
-                rows = (await conn.execute(approximate, params)).all()
-            await conn.commit()
+            rows = (await conn.execute(exact if owned <= self.exact_recall_max_messages else approximate,
+                                       params)).all()
         # The approximate plan's candidates come in relaxed order: rank them exactly and keep top_k.
         hits = [(_message(r), float(r.score)) for r in rows if r.score >= q.min_score]
         return sorted(hits, key=lambda hit: -hit[1])[:q.top_k]
@@ -417,14 +421,12 @@ class MemoryStore:
             ORDER BY fused.score DESC, c.id LIMIT :k
             """
         )
-        async with self.engine.connect() as conn:
-            await _tune_vector_search(conn)
+        async with self._autocommit() as conn:
             rows = (
                 await conn.execute(
                     sql, {"user_id": user_id, "q": vector_literal(vector), "text": query, "n": candidates, "k": top_k}
                 )
             ).all()
-            await conn.commit()
         return [
             Chunk(r.document_id, r.chunk_index, r.content, r.title, r.source, float(r.score)) for r in rows
         ]
@@ -443,9 +445,3 @@ class MemoryStore:
                 await conn.execute(text("DELETE FROM documents WHERE user_id = :u"), {"u": user_id})
             ).rowcount
         return conversations, messages, documents
-
-
-async def _tune_vector_search(conn: AsyncConnection) -> None:
-    """HNSW with iterative scans, so per-user filters do not starve the result list (pgvector >= 0.8)."""
-    await conn.execute(text(f"SET LOCAL hnsw.ef_search = {HNSW_EF_SEARCH}"))
-    await conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
