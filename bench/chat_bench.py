@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import pct, table
+from bench.common import StealMeter, pct, table
 from parley.chat.v1 import chat_pb2 as pb
 from parley.chat.v1 import chat_pb2_grpc
 from parley.runtime.app import running
@@ -96,18 +96,18 @@ async def main(args: argparse.Namespace) -> None:
                 rows, steps_rows = [], []
                 for level in args.concurrency:
                     before = scrape_steps(metrics_port)
-                    started = time.perf_counter()
+                    started, steal = time.perf_counter(), StealMeter()
                     lat = await run_level(stub, level, args.turns, f"c{level}", args.think_ms)
                     elapsed = time.perf_counter() - started
                     after = scrape_steps(metrics_port)
                     rows.append((str(level), f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}", f"{len(lat) / elapsed:.0f}",
-                                 str(len(lat))))
+                                 str(len(lat)), f"{steal.percent():.1f}"))
                     means = {step: (after[step][0] - before.get(step, (0, 0))[0]) /
                              max(1.0, after[step][1] - before.get(step, (0, 0))[1]) * 1000 for step in after}
                     steps_rows.append((str(level), *(f"{means.get(s, 0):.2f}" for s in STEPS)))
                 mode = f"mean think time {args.think_ms:g} ms between turns" if args.think_ms else "back to back"
                 print(f"== chat turn overhead (instant upstream model, real stack; turns {mode})")
-                print(table(rows, ("sessions", "p50 ms", "p99 ms", "turns/s", "turns")))
+                print(table(rows, ("sessions", "p50 ms", "p99 ms", "turns/s", "turns", "host steal %")))
                 print("goal: p50 <= 15 ms, p99 <= 50 ms at 50 sessions")
                 print("\n== mean time per step (ms)")
                 print(table(steps_rows, ("sessions", *STEPS)))

@@ -111,3 +111,27 @@ def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180) -> 
             return answer.status == health_pb2.HealthCheckResponse.SERVING
 
         wait_until(serving, proc, f"SERVING from {address}", timeout)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine so far (Linux /proc/stat; zeros elsewhere)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+class StealMeter:
+    """Share of the machine's CPU time the hypervisor gave to other guests (steal) between `start` and `stop`.
+
+    On a shared VM a high steal share means a run's latencies say more about the neighbours than about Parley;
+    the benchmarks print it beside their figures."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_ticks()
+
+    def percent(self) -> float:
+        steal, total = _cpu_ticks()
+        spent = total - self._start[1]
+        return 100.0 * (steal - self._start[0]) / spent if spent > 0 else 0.0

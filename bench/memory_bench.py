@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text
 
-from bench.common import cpu_seconds, free_port, pct, process, summary_ms, table, wait_serving
+from bench.common import StealMeter, cpu_seconds, free_port, pct, process, summary_ms, table, wait_serving
 from parley.memory.v1 import memory_pb2 as pb
 from parley.memory.v1 import memory_pb2_grpc
 from parley.runtime.app import running
@@ -127,23 +127,25 @@ async def bench_ingestion(stub, db: Database, users: int, sequential: int, write
     def cpu_ms_per_message(before: dict[str, float], n: int) -> dict[str, float]:
         return {k: (v - before[k]) * 1000 / n for k, v in cpu_by_process(pids).items()}
 
-    started, cpu = time.perf_counter(), cpu_by_process(pids)
+    started, cpu, steal = time.perf_counter(), cpu_by_process(pids), StealMeter()
     for t in texts[:sequential]:
         await one(0, t)
     await all_embedded()
     seq_rate = sequential / (time.perf_counter() - started)
     seq_cpu = cpu_ms_per_message(cpu, sequential)
+    seq_steal = steal.percent()
 
     async def writer(w: int) -> None:
         for t in texts[sequential + w * per_writer: sequential + (w + 1) * per_writer]:
             await one(w % users, t)
 
-    started, cpu = time.perf_counter(), cpu_by_process(pids)
+    started, cpu, steal = time.perf_counter(), cpu_by_process(pids), StealMeter()
     await asyncio.gather(*(writer(w) for w in range(writers)))
     await all_embedded()
     conc_rate = writers * per_writer / (time.perf_counter() - started)
     conc_cpu = cpu_ms_per_message(cpu, writers * per_writer)
-    return {"sequential": seq_rate, "concurrent": conc_rate,
+    return {"sequential": seq_rate, "concurrent": conc_rate, "sequential_steal": seq_steal,
+            "concurrent_steal": steal.percent(),
             **{f"sequential_cpu_{k}": v for k, v in seq_cpu.items()},
             **{f"concurrent_cpu_{k}": v for k, v in conc_cpu.items()}}
 
@@ -327,7 +329,7 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
                     costs = ", ".join(f"{name} {results[mode][f'{phase}_cpu_{name}']:.2f}"
                                       for name in ("client", *pids))
                     print(f"    CPU ms per message, {'one writer' if phase == 'sequential' else 'concurrent'}: "
-                          f"{costs}")
+                          f"{costs} (host steal {results[mode][f'{phase}_steal']:.1f}%)")
         finally:
             await channel.close()
             await db.close()
