@@ -107,6 +107,7 @@ class RunningApp:
     database_url: str | None
     redis_url: str | None
     server: GrpcServer
+    metrics: Metrics  # the process's registry (what /metrics serves)
 
 
 @asynccontextmanager
@@ -173,4 +174,4 @@ async def running(
             server.add(await stack.enter_async_context(_builder(name)(ctx)))
         await server.start()
         stack.push_async_callback(server.stop)  # runs first on exit: drain RPCs before tearing down
-        yield RunningApp(server.address, server.port, tuple(services), database_url, redis_url, server)
+        yield RunningApp(server.address, server.port, tuple(services), database_url, redis_url, server, metrics)

@@ -254,6 +254,11 @@ class ChatSettings(BaseModel):
     )
     max_message_chars: int = Field(32768, ge=1, description="Longest user message accepted.")
     history_token_budget: int = Field(1536, ge=64, description="Tokens of recent history put into the context.")
+    window_cache_sessions: int = Field(
+        2000, ge=0, description="Sessions whose last context window the chat service keeps in memory, so that a "
+        "turn need not read it again. An entry is used only when the session's message count shows nothing else "
+        "was stored since; 0: always read."
+    )
     recall_top_k: int = Field(4, ge=0, description="Past-session messages recalled per turn (0 disables recall).")
     recall_min_score: float = Field(0.35, ge=0, le=1, description="Minimum similarity of a recalled message.")
     document_top_k: int = Field(2, ge=0, description="Document chunks put into the context per turn (0 disables).")

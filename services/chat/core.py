@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from parley.memory.v1 import memory_pb2 as mpb
 from parley.runtime import validation as v
@@ -42,6 +42,7 @@ from services.chat.guards.usage import usage_row
 from services.chat.peers import ROLE_NAMES, MemoryPeer, PromptMessage
 from services.chat.summary import Summarizer
 from services.chat.telemetry import TurnMetrics
+from services.chat.window import WindowCache, fit_window, slide
 
 RECALL_SLACK = 8  # recall hits fetched beyond recall_top_k, to drop those already in the window
 _log = get_logger(__name__)
@@ -54,6 +55,7 @@ class AssembledContext:
     warnings: list[str]
     fingerprint: str  # of everything but recall: summary, system prompt, the window before this message
     window: int  # messages of the session inside the window
+    history: list[PromptMessage] = field(default_factory=list)  # that window, every role (empty: unknown)
 
 
 class ChatCore:
@@ -67,6 +69,7 @@ class ChatCore:
         self.guards = guards
         self.summarizer = summarizer
         self.metrics = metrics
+        self.windows = WindowCache(settings.window_cache_sessions)
 
     # -- validation and access -------------------------------------------------------------------
 
@@ -127,10 +130,11 @@ class ChatCore:
         lookups = self.start_lookups(req)  # recall and document search need only the message: they start now
         history = None
         try:
-            if req.session_id:  # the window is read while the message is stored (`assemble` joins the two)
-                history = asyncio.ensure_future(
-                    self.memory.history(req.user_id, req.session_id, self.settings.history_token_budget))
+            if req.session_id:
                 session_id = req.session_id
+                if session_id not in self.windows:  # read while the message is stored (`fit_window` joins them)
+                    history = asyncio.ensure_future(self._read_window(req.user_id, session_id))
+                    self.metrics.windows.labels("miss").inc()
             else:
                 with step("session"):
                     session_id = (await self.memory.create_session(req.user_id, title=req.message[:80])).conversation_id
@@ -139,7 +143,16 @@ class ChatCore:
                                                            [PromptMessage("user", req.message)])
             yield SessionStarted(session_id)
             with step("context"):
-                ctx = await self.assemble(req, session, PromptMessage.from_memory(stored[0]), history, lookups)
+                if history is not None:
+                    earlier = await history
+                elif not req.session_id:
+                    earlier = []  # a new session
+                else:  # the cached window, unless something else was stored in the session since
+                    earlier = self.windows.earlier(session_id, session.message_count)
+                    self.metrics.windows.labels("miss" if earlier is None else "hit").inc()
+                    if earlier is None:
+                        earlier = await self._read_window(req.user_id, session_id)
+                ctx = await self.assemble(req, session, PromptMessage.from_memory(stored[0]), earlier, lookups)
         except BaseException:
             lookups.cancel()
             if history is not None:
@@ -210,7 +223,14 @@ class ChatCore:
         request_id = req.request_id or current_request_id() or ""  # one id per turn in the usage rows
 
         async def store() -> list[mpb.Message]:
-            return (await self.memory.append(user_id, session_id, to_store))[0] if to_store else []
+            if not to_store:
+                return []
+            self.windows.drop(session_id)  # until the window after this append is known
+            messages, after = await self.memory.append(user_id, session_id, to_store)
+            if ctx.history and after.message_count == session.message_count + len(messages):  # none but ours
+                self.windows.put(session_id, after.message_count, slide(
+                    ctx.history, [PromptMessage.from_memory(m) for m in messages], self.settings.history_token_budget))
+            return messages
 
         def rows(summary_call: ModelCall | None) -> list[dict]:
             return [usage_row(
@@ -295,12 +315,14 @@ class ChatCore:
             asyncio.ensure_future(self._documents(req, warnings) if use_documents else _nothing()),
             warnings)
 
+    async def _read_window(self, user_id: str, session_id: str) -> list[PromptMessage]:
+        return await self.memory.history(user_id, session_id, self.settings.history_token_budget)
+
     async def assemble(self, req: TurnRequest, session: mpb.Conversation, message: PromptMessage,
-                       earlier: asyncio.Future | None, lookups: Lookups) -> AssembledContext:
+                       earlier: list[PromptMessage], lookups: Lookups) -> AssembledContext:
         """System prompt + summary + recalled memories + the recent window, which ends with `message` (stored).
-        `earlier`: the session's newest messages within the history budget (None: a new session)."""
-        history = fit_window(await earlier if earlier is not None else [], message,
-                             self.settings.history_token_budget)
+        `earlier`: the session's newest messages within the history budget, with or without `message`."""
+        history = fit_window(earlier, message, self.settings.history_token_budget)
         summary = session.summary
         warnings = lookups.warnings
         in_window = {m.message_id for m in history if m.message_id}
@@ -332,7 +354,7 @@ class ChatCore:
             [self.settings.system_prompt, summary, [(m.role, m.content) for m in window[:-1]],
              [d.content for d in documents]]).encode()).hexdigest()
         return AssembledContext([PromptMessage("system", system), *window], memory + documents, warnings,
-                                fingerprint, len(history))
+                                fingerprint, len(history), history)
 
     async def _recall(self, req: TurnRequest, exclude: list[str], top_k: int,
                       warnings: list[str]) -> list[mpb.RecalledMessage]:
@@ -354,20 +376,6 @@ class ChatCore:
         return [MemoryItem(source="document", content=c.content, score=c.score, origin_id=c.document_id, role="",
                            created_at=None)
                 for c in chunks if c.score >= self.settings.document_min_score]
-
-
-def fit_window(earlier: list[PromptMessage], message: PromptMessage, budget: int) -> list[PromptMessage]:
-    """The newest of `earlier` whose tokens fit `budget` with `message` (stored), then `message`, which is always
-    there: it is what the model must answer. `earlier` (oldest first) may hold `message` or not: it was read while
-    `message` was being stored."""
-    budget -= message.token_count
-    kept: list[PromptMessage] = []
-    for m in reversed([m for m in earlier if m.message_id != message.message_id]):
-        budget -= m.token_count
-        if budget < 0:
-            break
-        kept.append(m)
-    return [*reversed(kept), message]
 
 
 @dataclass

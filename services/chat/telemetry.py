@@ -20,6 +20,9 @@ class TurnMetrics:
         self.tool_calls = metrics.counter("parley_chat_tool_calls_total", "Tool calls made by the agent.",
                                           ["tool", "outcome"])
         self.cache = metrics.counter("parley_chat_cache_total", "Answer cache lookups.", ["result"])
+        self.windows = metrics.counter(
+            "parley_chat_window_cache_total",
+            "Context windows of existing sessions: from the chat's cache (hit) or read from memory (miss).", ["result"])
         self.steps = metrics.histogram(
             "parley_chat_turn_step_seconds", "Time spent in each step of a chat turn.", ["step"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),

@@ -48,6 +48,7 @@ class Stack:
     memory: memory_pb2_grpc.MemoryServiceStub
     model: ScriptedProvider
     database_url: str
+    metrics: Metrics
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ async def stack(start_stack, plugins, database_url):
     async with start_stack(ALL, inference=inference, chat=chat) as app:
         channel = make_channel(app.address)
         yield Stack(chat_pb2_grpc.ChatServiceStub(channel), memory_pb2_grpc.MemoryServiceStub(channel),
-                    PROVIDERS[MODEL], database_url)
+                    PROVIDERS[MODEL], database_url, app.metrics)
         await channel.close()
     PROVIDERS.pop(MODEL, None)
 
@@ -307,6 +308,35 @@ async def test_history_beyond_the_budget_is_folded_into_a_rolling_summary(stack)
     assert texts[-1] == last and len(texts) > 2
     assert not any(old in t for old in said[:covered] for t in [system, *texts]), "summarised turns stay out"
     assert texts[:-1] == said[len(said) - len(texts) + 1:], "the newest turns, in order"
+
+
+async def test_a_session_window_is_reused_until_another_writer_stores_in_the_session(stack):
+    user, off = uid(), pb.ChatOptions(disable_recall=True)
+
+    def windows(result: str) -> float:
+        return stack.metrics.registry.get_sample_value("parley_chat_window_cache_total", {"result": result}) or 0.0
+
+    stack.model.play(say("First answer."), say("Second answer."))
+    first = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="My first note.", options=off))
+    hits = windows("hit")
+    await stack.chat.Chat(pb.ChatRequest(user_id=user, session_id=first.session_id, message="My second note.",
+                                         options=off))
+    assert windows("hit") == hits + 1, "the window the first turn left, not read again"
+    second = stack.model.requests[-1]
+    assert [m.content for m in second.messages[1:]] == ["My first note.", "First answer.", "My second note."]
+
+    await stack.memory.AppendMessages(mpb.AppendMessagesRequest(  # another writer, behind the chat's back
+        user_id=user, conversation_id=first.session_id,
+        messages=[mpb.NewMessage(role=mpb.ROLE_USER, content="A note stored by another client.")]))
+    stack.model.play(say("Third answer."))
+    misses = windows("miss")
+    await stack.chat.Chat(pb.ChatRequest(user_id=user, session_id=first.session_id, message="My third note.",
+                                         options=off))
+    assert windows("miss") == misses + 1, "the session's message count gave the other writer away"
+    [third] = stack.model.requests
+    assert [m.content for m in third.messages[1:]] == [
+        "My first note.", "First answer.", "My second note.", "Second answer.", "A note stored by another client.",
+        "My third note."], "read again: the other writer's message is in the window"
 
 
 async def test_plugin_route_mistakes_fail_at_start(plugins):

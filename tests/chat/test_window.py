@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.chat.core import fit_window
+from services.chat.window import WindowCache, fit_window, slide
 from services.chat.peers import PromptMessage
 
 
@@ -25,3 +25,24 @@ def test_newest_messages_that_fit_the_budget_then_the_message():
 def test_a_message_over_the_budget_alone_is_still_the_window():
     assert [m.message_id for m in fit_window([msg(0)], msg(1, 500), 100)] == ["id-1"]
     assert [m.message_id for m in fit_window([], msg(1), 100)] == ["id-1"]
+
+
+def test_a_window_slides_past_what_a_turn_stored():
+    window = [msg(0), msg(1), msg(2)]
+    assert [m.message_id for m in slide(window, [msg(3), msg(4)], 35)] == ["id-2", "id-3", "id-4"]
+    assert [m.message_id for m in slide(window, [msg(3)], 1000)] == ["id-0", "id-1", "id-2", "id-3"]
+
+
+def test_a_cached_window_serves_only_the_next_message_of_its_session():
+    cache = WindowCache(size=2)
+    cache.put("s1", 10, [msg(0)])
+    assert cache.earlier("s1", 12) is None, "two messages since: someone else wrote"
+    assert [m.message_id for m in cache.earlier("s1", 11)] == ["id-0"]
+    cache.put("s2", 1, [msg(1)])
+    cache.put("s3", 1, [msg(2)])
+    assert "s1" not in cache and "s3" in cache, "least recently used out"
+    cache.drop("s3")
+    assert "s3" not in cache
+    disabled = WindowCache(size=0)
+    disabled.put("s1", 1, [msg(0)])
+    assert "s1" not in disabled
