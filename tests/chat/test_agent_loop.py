@@ -9,11 +9,13 @@ The tools run for real in the tools service (built-ins, and two test tools from 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import uuid
 from dataclasses import dataclass
 
+import grpc
 import pytest
 from sqlalchemy import text
 
@@ -337,6 +339,25 @@ async def test_a_session_window_is_reused_until_another_writer_stores_in_the_ses
     assert [m.content for m in third.messages[1:]] == [
         "My first note.", "First answer.", "My second note.", "Second answer.", "A note stored by another client.",
         "My third note."], "read again: the other writer's message is in the window"
+
+
+async def test_model_calls_are_accounted_even_when_the_answer_cannot_be_stored(stack):
+    """The answer is stored while the turn is accounted: a failed store does not lose what the calls cost."""
+    user = uid()
+    stack.model.play(say("Hello."))
+    first = await stack.chat.Chat(pb.ChatRequest(user_id=user, message="Hi there."))
+    stack.model.play(call(("slow_echo", {"text": "wait"}), prompt_tokens=120, completion_tokens=7),
+                     say("Echoed.", prompt_tokens=150, completion_tokens=5))
+    turn = asyncio.ensure_future(stack.chat.Chat(pb.ChatRequest(
+        user_id=user, session_id=first.session_id, message="Echo something slowly.")))
+    await asyncio.sleep(0.15)  # the tool is sleeping: the session goes away under the turn
+    await stack.memory.DeleteConversation(mpb.DeleteConversationRequest(
+        user_id=user, conversation_id=first.session_id))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await turn
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND, failed.value.details()
+    rows = [(r.kind, r.prompt_tokens, r.completion_tokens) for r in await usage_rows(stack, user)]
+    assert rows == [("generate", 100, 10), ("generate", 120, 7), ("generate", 150, 5)], "both calls of the turn"
 
 
 async def test_plugin_route_mistakes_fail_at_start(plugins):
