@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import StealMeter, pct, table
+from bench.common import StealMeter, free_port, pct, table
 from parley.chat.v1 import chat_pb2 as pb
 from parley.chat.v1 import chat_pb2_grpc
 from parley.runtime.app import running
@@ -37,12 +36,6 @@ from parley.runtime.config import Settings
 from parley.runtime.logging import configure_logging
 
 STEP_RE = re.compile(r'parley_chat_turn_step_seconds_(sum|count)\{step="([a-z_]+)"\} ([0-9.e+-]+)')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_steps(port: int) -> dict[str, tuple[float, float]]:

@@ -123,7 +123,7 @@ def _cpu_ticks() -> tuple[int, int]:
 
 
 class StealMeter:
-    """Share of the machine's CPU time the hypervisor gave to other guests (steal) between `start` and `stop`.
+    """Share of the machine's CPU time the hypervisor gave to other guests (steal) since the meter was made.
 
     On a shared VM a high steal share means a run's latencies say more about the neighbours than about Parley;
     the benchmarks print it beside their figures."""

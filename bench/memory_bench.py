@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,30 +125,28 @@ async def bench_ingestion(stub, db: Database, users: int, sequential: int, write
                 return
             await asyncio.sleep(0.005)
 
-    def cpu_ms_per_message(before: dict[str, float], n: int) -> dict[str, float]:
-        return {k: (v - before[k]) * 1000 / n for k, v in cpu_by_process(pids).items()}
+    async def measured(phase: str, appends: Callable[[], Awaitable], n: int) -> dict[str, float]:
+        """msgs/s of `n` appends until their last vector is stored; CPU ms per message by process; host steal %."""
+        started, cpu, steal = time.perf_counter(), cpu_by_process(pids), StealMeter()
+        await appends()
+        await all_embedded()
+        rate = n / (time.perf_counter() - started)
+        spent = {f"{phase}_cpu_{k}": (v - cpu[k]) * 1000 / n for k, v in cpu_by_process(pids).items()}
+        return {phase: rate, f"{phase}_steal": steal.percent(), **spent}
 
-    started, cpu, steal = time.perf_counter(), cpu_by_process(pids), StealMeter()
-    for t in texts[:sequential]:
-        await one(0, t)
-    await all_embedded()
-    seq_rate = sequential / (time.perf_counter() - started)
-    seq_cpu = cpu_ms_per_message(cpu, sequential)
-    seq_steal = steal.percent()
+    async def one_writer() -> None:
+        for t in texts[:sequential]:
+            await one(0, t)
 
     async def writer(w: int) -> None:
         for t in texts[sequential + w * per_writer: sequential + (w + 1) * per_writer]:
             await one(w % users, t)
 
-    started, cpu, steal = time.perf_counter(), cpu_by_process(pids), StealMeter()
-    await asyncio.gather(*(writer(w) for w in range(writers)))
-    await all_embedded()
-    conc_rate = writers * per_writer / (time.perf_counter() - started)
-    conc_cpu = cpu_ms_per_message(cpu, writers * per_writer)
-    return {"sequential": seq_rate, "concurrent": conc_rate, "sequential_steal": seq_steal,
-            "concurrent_steal": steal.percent(),
-            **{f"sequential_cpu_{k}": v for k, v in seq_cpu.items()},
-            **{f"concurrent_cpu_{k}": v for k, v in conc_cpu.items()}}
+    async def writers_together() -> None:
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+
+    return {**await measured("sequential", one_writer, sequential),
+            **await measured("concurrent", writers_together, writers * per_writer)}
 
 
 async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, users: int) -> dict[str, list]:

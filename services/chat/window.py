@@ -17,29 +17,29 @@ from dataclasses import dataclass
 from services.chat.peers import PromptMessage
 
 
-def fit_window(earlier: list[PromptMessage], message: PromptMessage, budget: int) -> list[PromptMessage]:
-    """The newest of `earlier` whose tokens fit `budget` with `message` (stored), then `message`, which is always
-    there: it is what the model must answer. `earlier` (oldest first) may hold `message` or not: it was read while
-    `message` was being stored."""
-    budget -= message.token_count
+def newest_within(messages: list[PromptMessage], budget: int) -> list[PromptMessage]:
+    """The newest of `messages` (oldest first) whose token counts sum to at most `budget`, oldest first: what the
+    memory service's ListMessages returns for a token budget."""
     kept: list[PromptMessage] = []
-    for m in reversed([m for m in earlier if m.message_id != message.message_id]):
-        budget -= m.token_count
-        if budget < 0:
-            break
-        kept.append(m)
-    return [*reversed(kept), message]
-
-
-def slide(window: list[PromptMessage], added: list[PromptMessage], budget: int) -> list[PromptMessage]:
-    """`window` after `added` (stored after it, oldest first) joined it: the newest that fit `budget`."""
-    kept: list[PromptMessage] = []
-    for m in reversed([*window, *added]):
+    for m in reversed(messages):
         budget -= m.token_count
         if budget < 0:
             break
         kept.append(m)
     return kept[::-1]
+
+
+def fit_window(earlier: list[PromptMessage], message: PromptMessage, budget: int) -> list[PromptMessage]:
+    """The newest of `earlier` whose tokens fit `budget` with `message` (stored), then `message`, which is always
+    there: it is what the model must answer. `earlier` (oldest first) may hold `message` or not: it was read while
+    `message` was being stored."""
+    others = [m for m in earlier if m.message_id != message.message_id]
+    return [*newest_within(others, budget - message.token_count), message]
+
+
+def slide(window: list[PromptMessage], added: list[PromptMessage], budget: int) -> list[PromptMessage]:
+    """`window` after `added` (stored after it, oldest first) joined it: the newest that fit `budget`."""
+    return newest_within([*window, *added], budget)
 
 
 @dataclass

@@ -38,11 +38,7 @@ def vector_literal(vector: Sequence[float]) -> str:
 
 def _conversation(row, prefix: str = "") -> Conversation:
     """A conversation from a row (its columns named `prefix` + column, when joined with others)."""
-    col = {c: getattr(row, prefix + c) for c in _CONVERSATION_COLUMNS.split(", ")}
-    return Conversation(
-        id=col["id"], user_id=col["user_id"], title=col["title"], summary=col["summary"], metadata=col["metadata"],
-        message_count=col["message_count"], created_at=col["created_at"], updated_at=col["updated_at"],
-    )
+    return Conversation(**{field: getattr(row, prefix + field) for field in _CONVERSATION_FIELDS})
 
 
 def _message(row) -> Message:
@@ -64,7 +60,8 @@ _MESSAGE_COLUMNS = (
     "id, seq, conversation_id, user_id, role, content, tool_calls, tool_call_id, token_count, metadata, "
     "created_at, embedding IS NOT NULL AS embedded"
 )
-_CONVERSATION_COLUMNS = "id, user_id, title, summary, metadata, message_count, created_at, updated_at"
+_CONVERSATION_FIELDS = ("id", "user_id", "title", "summary", "metadata", "message_count", "created_at", "updated_at")
+_CONVERSATION_COLUMNS = ", ".join(_CONVERSATION_FIELDS)
 _DOCUMENT_COLUMNS = "id, user_id, title, source, visibility, chunk_count, metadata, created_at"
 
 
@@ -80,10 +77,10 @@ class MemoryStore:
         self.exact_recall_max_messages = exact_recall_max_messages
 
     @asynccontextmanager
-    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
-        """A pooled connection whose statements each stand alone: a read, or a write that is one statement.
-        No BEGIN and no COMMIT/ROLLBACK: one round trip per statement."""
-        async with self.engine.connect() as conn:
+    async def _autocommit(self, engine: AsyncEngine | None = None) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection (of `engine`, default the main one) whose statements each stand alone: a read, or a
+        write that is one statement. No BEGIN and no COMMIT/ROLLBACK: one round trip per statement."""
+        async with (engine or self.engine).connect() as conn:
             yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     # -- conversations -------------------------------------------------------------------------
@@ -178,7 +175,7 @@ class MemoryStore:
         One statement (its own transaction): the conversation's counters are bumped by a data-modifying CTE that
         only matches the caller's conversation, and the messages are inserted only if it did — one round trip.
         """
-        conversation_columns = ", ".join(f"owner.{c} AS conversation_{c}" for c in _CONVERSATION_COLUMNS.split(", "))
+        conversation_columns = ", ".join(f"owner.{c} AS conversation_{c}" for c in _CONVERSATION_FIELDS)
         async with self._autocommit() as conn:
             rows = await conn.execute(
                 text(
@@ -226,8 +223,7 @@ class MemoryStore:
         if not ids:
             return
         flat = np.asarray(vectors, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
-        async with self.derived_engine.connect() as conn:  # one statement, its own transaction: one round trip
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommit(self.derived_engine) as conn:  # one statement, its own transaction
             # The vectors travel as one binary float4[] (no text formatting or parsing of 384 numbers each),
             # sliced per message on the server.
             await conn.execute(
