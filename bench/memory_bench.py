@@ -126,13 +126,19 @@ async def bench_ingestion(stub, db: Database, users: int, sequential: int, write
             await asyncio.sleep(0.005)
 
     async def measured(phase: str, appends: Callable[[], Awaitable], n: int) -> dict[str, float]:
-        """msgs/s of `n` appends until their last vector is stored; CPU ms per message by process; host steal %."""
+        """msgs/s of `n` appends until their last vector is stored; CPU ms per message by process; host steal %;
+        the commits' WAL flushes (count, mean ms)."""
+        flushes = await wal_flushes(db)
         started, cpu, steal = time.perf_counter(), cpu_by_process(pids), StealMeter()
         await appends()
         await all_embedded()
         rate = n / (time.perf_counter() - started)
         spent = {f"{phase}_cpu_{k}": (v - cpu[k]) * 1000 / n for k, v in cpu_by_process(pids).items()}
-        return {phase: rate, f"{phase}_steal": steal.percent(), **spent}
+        stolen = steal.percent()
+        await asyncio.sleep(1.1)  # backends report their I/O statistics at most once a second
+        count, ms = (after - before for after, before in zip(await wal_flushes(db), flushes, strict=True))
+        return {phase: rate, f"{phase}_steal": stolen, **spent, f"{phase}_fsyncs": count / n,
+                f"{phase}_fsync_ms": ms / count if count else float("nan")}
 
     async def one_writer() -> None:
         for t in texts[:sequential]:
@@ -147,6 +153,30 @@ async def bench_ingestion(stub, db: Database, users: int, sequential: int, write
 
     return {**await measured("sequential", one_writer, sequential),
             **await measured("concurrent", writers_together, writers * per_writer)}
+
+
+async def wal_flushes(db: Database) -> tuple[float, float]:
+    """WAL flushes (fsyncs) made by client backends so far, and their total ms (PostgreSQL 16+'s pg_stat_io; the
+    time needs track_wal_io_timing, turned on by `track_wal_flushes`). A commit waits for its flush: with one
+    writer, the disk's flush latency bounds the rate."""
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(text(
+            "SELECT coalesce(sum(fsyncs), 0), coalesce(sum(fsync_time), 0) FROM pg_stat_io "
+            "WHERE object = 'wal' AND backend_type = 'client backend'"))).one()
+    return float(row[0]), float(row[1])
+
+
+async def track_wal_flushes(db: Database) -> bool:
+    """Turn on WAL I/O timing (ALTER SYSTEM: superuser). False where it cannot be."""
+    try:
+        async with db.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("ALTER SYSTEM SET track_wal_io_timing = on"))
+            await conn.execute(text("SELECT pg_reload_conf()"))
+        return True
+    except Exception as exc:  # noqa: BLE001 - a managed database may refuse: the flush times are then not shown
+        print(f"  (WAL flush timing not available: {type(exc).__name__})")
+        return False
 
 
 async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, users: int) -> dict[str, list]:
@@ -310,6 +340,8 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
         channel = make_channel(f"127.0.0.1:{port}")
         db = Database(url)
         try:
+            if "postgres" in pids:  # the embedded server is ours to configure; a given DATABASE_URL's is not
+                await track_wal_flushes(db)
             stub = memory_pb2_grpc.MemoryServiceStub(channel)
             for mode, label in ((True, "async_embedding (vectors follow the commit)"),
                                 (False, "synchronous (each call waits for its vectors)")):
@@ -328,7 +360,8 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
                     costs = ", ".join(f"{name} {results[mode][f'{phase}_cpu_{name}']:.2f}"
                                       for name in ("client", *pids))
                     print(f"    CPU ms per message, {'one writer' if phase == 'sequential' else 'concurrent'}: "
-                          f"{costs} (host steal {results[mode][f'{phase}_steal']:.1f}%)")
+                          f"{costs} (host steal {results[mode][f'{phase}_steal']:.1f}%; WAL flushes per message "
+                          f"{results[mode][f'{phase}_fsyncs']:.2f}, mean {results[mode][f'{phase}_fsync_ms']:.2f} ms)")
         finally:
             await channel.close()
             await db.close()

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from parley.runtime import encoders
-from parley.runtime.encoders import Bf16Encoder, OnnxEncoder
+from parley.runtime.encoders import OnnxEncoder, OpenVinoEncoder
 from parley.runtime.logging import get_logger
 
 EMBEDDING_DIM = 384
@@ -67,11 +67,11 @@ class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
     def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 0.0, cache_size: int = 2048,
-                 encoder: OnnxEncoder | Bf16Encoder | None = None, background_wait_ms: float = 50.0,
+                 encoder: OnnxEncoder | OpenVinoEncoder | None = None, background_wait_ms: float = 50.0,
                  background_batch: int = 16) -> None:
         self._model = model
         self._encoder = encoder  # None: the model's own PyTorch fp32 forward pass
-        self.backend = "onnx" if isinstance(encoder, OnnxEncoder) else "torch"
+        self.backend = {OnnxEncoder: "onnx", OpenVinoEncoder: "openvino"}.get(type(encoder), "torch")
         self.precision = encoder.precision if encoder is not None else "fp32"
         # Hugging Face fast tokenizers are not safe to share between threads: each lane's encoder has its own,
         # token counting (event loop) and chunking (worker threads) get copies.
@@ -106,8 +106,8 @@ class Embedder:
                    background_batch: int = 16) -> Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
-        precision "bf16" (or "auto" on a CPU with AMX): the transformer traced under bfloat16 autocast (see
-        `encoders.Bf16Encoder`). Otherwise fp32, run by `backend`: "onnx" exports the transformer once (cached) and
+        precision "bf16" (or "auto" on a CPU with AMX): the transformer's ONNX export compiled by OpenVINO for
+        bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by `backend`: "onnx" exports the transformer once (cached) and
         runs it with ONNX Runtime (same vectors, about half the CPU per short text here), "torch" runs PyTorch.
         A model neither can compile, or a compilation that fails, falls back to PyTorch fp32 with a warning.
         """
@@ -134,14 +134,14 @@ class Embedder:
             if why_not:
                 _log.warning("embedding_compile_unsupported", reason=why_not, fallback="torch fp32")
                 return model, None
+            cache = onnx_cache_dir or encoders.default_cache_dir()
             if bf16:
                 try:
-                    return model, Bf16Encoder.build(model, threads)
+                    return model, OpenVinoEncoder.build(model, path, cache, threads)
                 except Exception as exc:  # noqa: BLE001 - fp32 below gives the reference vectors
                     _log.warning("embedding_bf16_failed", error=f"{type(exc).__name__}: {exc}", fallback="fp32")
                 if backend != "onnx":
                     return model, None
-            cache = onnx_cache_dir or encoders.default_cache_dir()
             try:
                 return model, OnnxEncoder.build(model, path, cache, threads)
             except Exception as exc:  # noqa: BLE001 - e.g. a read-only cache folder: torch gives the same vectors
@@ -253,7 +253,7 @@ class Embedder:
                 if not req.future.done():
                     req.future.set_result(np.stack([known[t] for t in req.texts]))
 
-    def _encode(self, texts: list[str], encoder: OnnxEncoder | Bf16Encoder | None) -> np.ndarray:
+    def _encode(self, texts: list[str], encoder: OnnxEncoder | OpenVinoEncoder | None) -> np.ndarray:
         """One lane's forward passes (in its thread), with that lane's encoder."""
         if encoder is not None:  # by length, like sentence-transformers, so a batch pads little
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

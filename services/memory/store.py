@@ -62,7 +62,38 @@ _MESSAGE_COLUMNS = (
 )
 _CONVERSATION_FIELDS = ("id", "user_id", "title", "summary", "metadata", "message_count", "created_at", "updated_at")
 _CONVERSATION_COLUMNS = ", ".join(_CONVERSATION_FIELDS)
+_OWNER_AS_CONVERSATION = ", ".join(f"owner.{c} AS conversation_{c}" for c in _CONVERSATION_FIELDS)
 _DOCUMENT_COLUMNS = "id, user_id, title, source, visibility, chunk_count, metadata, created_at"
+
+# Statements of the hot paths, parsed once (text() scans its SQL for bind parameters at every construction).
+_APPEND = text(
+    f"""
+    WITH owner AS (
+        UPDATE conversations SET message_count = message_count + :n, updated_at = now()
+        WHERE id = :conversation_id AND user_id = :user_id RETURNING {_CONVERSATION_COLUMNS}
+    ), stored AS (
+        INSERT INTO messages (id, conversation_id, user_id, role, content, tool_calls, tool_call_id,
+                              token_count, metadata)
+        SELECT m.id, owner.id, :user_id, m.role, m.content, m.tool_calls::jsonb, m.tool_call_id,
+               m.token_count, m.metadata::jsonb
+        FROM owner, unnest(CAST(:ids AS uuid[]), CAST(:roles AS smallint[]),
+                           CAST(:contents AS text[]), CAST(:tool_calls AS text[]),
+                           CAST(:tool_call_ids AS text[]), CAST(:token_counts AS int[]),
+                           CAST(:metadatas AS text[]))
+             WITH ORDINALITY AS m(id, role, content, tool_calls, tool_call_id, token_count, metadata,
+                                  ord)
+        ORDER BY m.ord
+        RETURNING {_MESSAGE_COLUMNS}
+    )
+    SELECT stored.*, {_OWNER_AS_CONVERSATION} FROM stored, owner ORDER BY stored.seq
+    """
+)
+_SET_EMBEDDINGS = text(
+    f"UPDATE messages SET embedding = CAST(f.flat[(v.n - 1) * {EMBEDDING_DIM} + 1 : v.n * {EMBEDDING_DIM}] "
+    "AS vector) "
+    "FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS v(id, n), "
+    "(SELECT CAST(:flat AS float4[]) AS flat) AS f WHERE messages.id = v.id"
+)
 
 
 class MemoryStore:
@@ -175,31 +206,9 @@ class MemoryStore:
         One statement (its own transaction): the conversation's counters are bumped by a data-modifying CTE that
         only matches the caller's conversation, and the messages are inserted only if it did — one round trip.
         """
-        conversation_columns = ", ".join(f"owner.{c} AS conversation_{c}" for c in _CONVERSATION_FIELDS)
         async with self._autocommit() as conn:
             rows = await conn.execute(
-                text(
-                    f"""
-                    WITH owner AS (
-                        UPDATE conversations SET message_count = message_count + :n, updated_at = now()
-                        WHERE id = :conversation_id AND user_id = :user_id RETURNING {_CONVERSATION_COLUMNS}
-                    ), stored AS (
-                        INSERT INTO messages (id, conversation_id, user_id, role, content, tool_calls, tool_call_id,
-                                              token_count, metadata)
-                        SELECT m.id, owner.id, :user_id, m.role, m.content, m.tool_calls::jsonb, m.tool_call_id,
-                               m.token_count, m.metadata::jsonb
-                        FROM owner, unnest(CAST(:ids AS uuid[]), CAST(:roles AS smallint[]),
-                                           CAST(:contents AS text[]), CAST(:tool_calls AS text[]),
-                                           CAST(:tool_call_ids AS text[]), CAST(:token_counts AS int[]),
-                                           CAST(:metadatas AS text[]))
-                             WITH ORDINALITY AS m(id, role, content, tool_calls, tool_call_id, token_count, metadata,
-                                                  ord)
-                        ORDER BY m.ord
-                        RETURNING {_MESSAGE_COLUMNS}
-                    )
-                    SELECT stored.*, {conversation_columns} FROM stored, owner ORDER BY stored.seq
-                    """
-                ),
+                _APPEND,
                 {
                     "n": len(messages),
                     "conversation_id": conversation_id,
@@ -226,15 +235,7 @@ class MemoryStore:
         async with self._autocommit(self.derived_engine) as conn:  # one statement, its own transaction
             # The vectors travel as one binary float4[] (no text formatting or parsing of 384 numbers each),
             # sliced per message on the server.
-            await conn.execute(
-                text(
-                    f"UPDATE messages SET embedding = CAST(f.flat[(v.n - 1) * {EMBEDDING_DIM} + 1 : "
-                    f"v.n * {EMBEDDING_DIM}] AS vector) "
-                    "FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS v(id, n), "
-                    "(SELECT CAST(:flat AS float4[]) AS flat) AS f WHERE messages.id = v.id"
-                ),
-                {"ids": ids, "flat": flat.ravel().tolist()},
-            )
+            await conn.execute(_SET_EMBEDDINGS, {"ids": ids, "flat": flat.ravel().tolist()})
 
     async def pending_embeddings(self, limit: int) -> list[tuple[uuid.UUID, str]]:
         """Messages stored without an embedding (embedding failed or the process died), oldest first."""

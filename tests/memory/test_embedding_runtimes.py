@@ -1,5 +1,5 @@
-"""The embedding runtimes give the same vectors (ONNX Runtime and PyTorch exactly, bfloat16 within cosine 0.9995);
-vectors are written in coalesced statements, exactly; the exact recall plan reads the covering index, never HNSW."""
+"""The embedding runtimes give the same vectors (ONNX Runtime and PyTorch exactly, OpenVINO bfloat16 within cosine
+0.9995); vectors are written in coalesced statements, exactly; the exact recall plan reads the covering index, never HNSW."""
 
 from __future__ import annotations
 
@@ -90,19 +90,24 @@ async def test_an_unwritable_cache_falls_back_to_torch(tmp_path):
 
 
 async def test_bfloat16_vectors_stay_within_cosine_0_9995_of_fp32(runtimes):
-    onnx, _, _ = runtimes
-    bf16 = Embedder(onnx._model, batch_size=2, max_wait_ms=1,
-                    encoder=await asyncio.to_thread(encoders.Bf16Encoder.build, onnx._model, 1))
+    onnx, _, cache = runtimes
+    encoder = await asyncio.to_thread(encoders.OpenVinoEncoder.build, onnx._model, packaged_embedding_model_path(),
+                                      cache, 1)
+    bf16 = Embedder(onnx._model, batch_size=2, max_wait_ms=1, encoder=encoder)
     bf16.start()
     try:
-        assert (bf16.backend, bf16.precision) == ("torch", "bf16")
+        assert (bf16.backend, bf16.precision) == ("openvino", "bf16")
         reference, batched = await onnx.embed(TEXTS), await bf16.embed(TEXTS)  # pairs sorted by length: padded
         alone = [bf16._encode([t], bf16._encoder)[0] for t in TEXTS]  # one at a time: other shapes, other kernels
+        # The background lane runs its own compiled copy (one compiled model runs one request at a time).
+        background = await bf16.embed([f"{t} (later)" for t in TEXTS], background=True)
+        later = await onnx.embed([f"{t} (later)" for t in TEXTS])
     finally:
         await bf16.close()
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
     assert (batched * reference).sum(axis=1).min() > 0.9995, "the model's vectors, to bfloat16 rounding"
     assert (np.stack(alone) * batched).sum(axis=1).min() > 0.9995, "batching changes rounding, not meaning"
+    assert (background * later).sum(axis=1).min() > 0.9995, "the background lane's copy gives the same vectors"
     scores, expected = batched @ batched[0], reference @ reference[0]
     assert list(np.argsort(-scores)) == list(np.argsort(-expected)), "same ranking of these texts"
 
@@ -110,7 +115,7 @@ async def test_bfloat16_vectors_stay_within_cosine_0_9995_of_fp32(runtimes):
 async def test_auto_precision_is_bf16_only_on_amx(tmp_path):
     embedder = await Embedder.load(None, batch_size=8, max_wait_ms=1, onnx_cache_dir=tmp_path, precision="auto")
     assert embedder.precision == ("bf16" if encoders.amx_bf16() else "fp32")
-    assert embedder.backend == ("torch" if encoders.amx_bf16() else "onnx")
+    assert embedder.backend == ("openvino" if encoders.amx_bf16() else "onnx")
 
 
 @pytest.fixture(scope="module")
