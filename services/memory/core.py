@@ -333,11 +333,15 @@ class EmbeddingBackfill:
     """Fills in embeddings that were not computed at write time (a failed or interrupted embed).
 
     Sweeps `embedding IS NULL` at start and then every `interval_s`, in batches, with
-    tenacity retries (exponential backoff with jitter) around each batch.
+    tenacity retries (exponential backoff with jitter) around each batch. Messages younger than `min_age_s` are left
+    alone: their vectors are normally in flight, and a sweep that wrote them too would embed them twice and race the
+    vector writer's UPDATE of the same rows.
     """
 
-    def __init__(self, store: MemoryStore, embedder: Embedder, interval_s: float = 30.0, batch: int = 256) -> None:
+    def __init__(self, store: MemoryStore, embedder: Embedder, interval_s: float = 30.0, batch: int = 256,
+                 min_age_s: float = 10.0) -> None:
         self._store, self._embedder, self._interval, self._batch = store, embedder, interval_s, batch
+        self._min_age = min_age_s
         self._task: asyncio.Task | None = None
         self.filled = 0
 
@@ -355,7 +359,7 @@ class EmbeddingBackfill:
     async def run_once(self) -> int:
         filled = 0
         while True:
-            pending = await self._store.pending_embeddings(self._batch)
+            pending = await self._store.pending_embeddings(self._batch, self._min_age)
             todo = [(mid, content) for mid, content in pending if content.strip()]
             if not todo:
                 return filled

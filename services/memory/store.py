@@ -237,12 +237,14 @@ class MemoryStore:
             # sliced per message on the server.
             await conn.execute(_SET_EMBEDDINGS, {"ids": ids, "flat": flat.ravel().tolist()})
 
-    async def pending_embeddings(self, limit: int) -> list[tuple[uuid.UUID, str]]:
-        """Messages stored without an embedding (embedding failed or the process died), oldest first."""
+    async def pending_embeddings(self, limit: int, min_age_s: float = 0.0) -> list[tuple[uuid.UUID, str]]:
+        """Messages stored without an embedding (embedding failed or the process died), oldest first; only those
+        stored at least `min_age_s` ago (younger ones may have their vectors in flight)."""
         async with self._autocommit() as conn:
             rows = await conn.execute(
-                text("SELECT id, content FROM messages WHERE embedding IS NULL AND btrim(content) <> '' ORDER BY seq LIMIT :limit"),
-                {"limit": limit},
+                text("SELECT id, content FROM messages WHERE embedding IS NULL AND btrim(content) <> '' "
+                     "AND created_at <= now() - make_interval(secs => :min_age) ORDER BY seq LIMIT :limit"),
+                {"limit": limit, "min_age": min_age_s},
             )
             return [(r.id, r.content) for r in rows]
 
