@@ -156,7 +156,7 @@ async def bench_ingestion(stub, db: Database, users: int, sequential: int, write
 
 
 async def wal_flushes(db: Database) -> tuple[float, float]:
-    """WAL flushes (fsyncs) made by client backends so far, and their total ms (PostgreSQL 16+'s pg_stat_io; the
+    """WAL flushes (fsyncs) made by client backends so far, and their total ms (PostgreSQL 18+'s pg_stat_io; the
     time needs track_wal_io_timing, turned on by `track_wal_flushes`). A commit waits for its flush: with one
     writer, the disk's flush latency bounds the rate."""
     async with db.engine.connect() as conn:

@@ -118,7 +118,8 @@ class EmbeddingSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Arithmetic of the model's matrix products. `bf16`: bfloat16 on the CPU's AMX units "
         "(OpenVINO, from the cached ONNX export), ~3x the texts/s of fp32 in batches, with vectors within "
-        "cosine 0.9999 of it; `fp32`: the reference vectors, run by `backend`; `auto`: bf16 where the CPU has AMX, else fp32."
+        "cosine 0.9999 of it; `fp32`: the reference vectors, run by `backend`; `auto`: bf16 where the CPU has "
+        "AMX, else fp32."
     )
     backend: Literal["onnx", "torch"] = Field(
         "onnx", description="Runtime for fp32: `onnx` exports the transformer once (cached) and runs it with "

@@ -107,9 +107,10 @@ class Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
         precision "bf16" (or "auto" on a CPU with AMX): the transformer's ONNX export compiled by OpenVINO for
-        bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by `backend`: "onnx" exports the transformer once (cached) and
-        runs it with ONNX Runtime (same vectors, about half the CPU per short text here), "torch" runs PyTorch.
-        A model neither can compile, or a compilation that fails, falls back to PyTorch fp32 with a warning.
+        bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by `backend`: "onnx" exports the
+        transformer once (cached) and runs it with ONNX Runtime (same vectors, about half the CPU per short text
+        here), "torch" runs PyTorch. A model neither can compile, or a compilation that fails, falls back to
+        PyTorch fp32 with a warning.
         """
         path = model_path or packaged_embedding_model_path()
         if not Path(path).exists():

@@ -175,7 +175,7 @@ class OpenVinoEncoder(_Encoder):
     """Encodes texts with the transformer's matrix products in bfloat16, by OpenVINO from the ONNX export."""
 
     precision = "bf16"
-    max_batch = 32  # texts per run: the fastest here
+    max_batch = 32  # texts per run (1.3 ms per text at 32, 1.75 at 16 here)
 
     def __init__(self, core, graph, config: dict, tokenizer, max_seq_length: int) -> None:
         self._core, self._graph, self._config = core, graph, config

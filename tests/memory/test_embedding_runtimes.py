@@ -1,5 +1,6 @@
 """The embedding runtimes give the same vectors (ONNX Runtime and PyTorch exactly, OpenVINO bfloat16 within cosine
-0.9995); vectors are written in coalesced statements, exactly; the exact recall plan reads the covering index, never HNSW."""
+0.9995); vectors are written in coalesced statements, exactly; the exact recall plan reads the covering index,
+never HNSW."""
 
 from __future__ import annotations
 
