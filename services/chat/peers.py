@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ class PromptMessage:
             content=self.content,
             tool_calls=[mpb.ToolCall(id=i, name=n, arguments_json=a) for i, n, a in self.tool_calls or ()],
             tool_call_id=self.tool_call_id,
+            # chosen here, so that a retry of the call (gRPC's retry policy resends it) cannot store it twice
+            message_id=str(uuid.uuid4()),
         )
 
     @classmethod

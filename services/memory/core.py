@@ -148,13 +148,17 @@ class MemoryCore:
             raise v.invalid("messages", f"at most {MAX_MESSAGES_PER_APPEND} messages per call")
         for i, m in enumerate(messages):
             self._check_message(i, m)
+        ids = [v.uuid_id(m.message_id, f"messages[{i}].message_id") if m.message_id else uuid.uuid4()
+               for i, m in enumerate(messages)]
+        if len(set(ids)) < len(ids):
+            raise v.invalid("messages", "message_id values must differ from each other")
         counts = self.embedder.count_tokens([m.content for m in messages])
         # The embedding is computed while the turn is being written (it does not depend on the write),
         # and stored right after the commit.
         texts = [m.content for m in messages if m.content.strip()]
         embedding = asyncio.ensure_future(self.embedder.embed(texts, background=not wait_for_embedding))
         try:
-            appended = await self.store.append_messages(user_id, cid, messages, counts)
+            appended = await self.store.append_messages(user_id, cid, messages, counts, ids)
         except BaseException:
             embedding.cancel()
             raise

@@ -49,6 +49,7 @@ class NewMessage:
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_call_id: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    message_id: str = ""  # client-chosen UUID (idempotent retries); empty: the service picks one
 
 
 @dataclass

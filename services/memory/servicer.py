@@ -66,6 +66,7 @@ def _new_message(i: int, m: pb.NewMessage) -> NewMessage:
         tool_calls=[ToolCall(c.id, c.name, c.arguments_json) for c in m.tool_calls],
         tool_call_id=m.tool_call_id,
         metadata=from_struct(m.metadata),
+        message_id=m.message_id,
     )
 
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import TextClause, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from parley.runtime.db import VECTOR_SCAN_SETTINGS
 from parley.runtime.embeddings import EMBEDDING_DIM
+from parley.runtime.errors import AlreadyExists
 from services.memory.records import (
     Chunk,
     Conversation,
@@ -27,6 +29,7 @@ from services.memory.records import (
     Visibility,
 )
 
+_UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 HNSW_EF_SEARCH = int(VECTOR_SCAN_SETTINGS["hnsw.ef_search"])  # set for every session by `Database`
 HNSW_OVERFETCH = 4  # candidates per requested neighbour on the approximate recall plan
@@ -198,34 +201,62 @@ class MemoryStore:
     # -- messages ------------------------------------------------------------------------------
 
     async def append_messages(
-        self, user_id: str, conversation_id: uuid.UUID, messages: list[NewMessage], token_counts: list[int]
+        self, user_id: str, conversation_id: uuid.UUID, messages: list[NewMessage], token_counts: list[int],
+        ids: list[uuid.UUID] | None = None,
     ) -> tuple[list[Message], Conversation] | None:
         """Insert a turn atomically; the stored messages and the conversation as the append left it, or None (and
         nothing written) when the conversation is not the user's.
 
         One statement (its own transaction): the conversation's counters are bumped by a data-modifying CTE that
         only matches the caller's conversation, and the messages are inserted only if it did — one round trip.
+        `ids` (default: new ones) are the messages' ids. When one of them is stored already, the statement is
+        undone as a whole, and a retry of an earlier append is recognised: see `_replayed`.
         """
-        async with self._autocommit() as conn:
-            rows = await conn.execute(
-                _APPEND,
-                {
-                    "n": len(messages),
-                    "conversation_id": conversation_id,
-                    "user_id": user_id,
-                    "ids": [uuid.uuid4() for _ in messages],
-                    "roles": [int(m.role) for m in messages],
-                    "contents": [m.content for m in messages],
-                    "tool_calls": [json.dumps([c.__dict__ for c in m.tool_calls]) for m in messages],
-                    "tool_call_ids": [m.tool_call_id for m in messages],
-                    "token_counts": token_counts,
-                    "metadatas": [json.dumps(m.metadata) for m in messages],
-                },
-            )
-            rows = rows.all()
+        ids = ids or [uuid.uuid4() for _ in messages]
+        try:
+            async with self._autocommit() as conn:
+                rows = (await conn.execute(
+                    _APPEND,
+                    {
+                        "n": len(messages),
+                        "conversation_id": conversation_id,
+                        "user_id": user_id,
+                        "ids": ids,
+                        "roles": [int(m.role) for m in messages],
+                        "contents": [m.content for m in messages],
+                        "tool_calls": [json.dumps([c.__dict__ for c in m.tool_calls]) for m in messages],
+                        "tool_call_ids": [m.tool_call_id for m in messages],
+                        "token_counts": token_counts,
+                        "metadatas": [json.dumps(m.metadata) for m in messages],
+                    },
+                )).all()
+        except IntegrityError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:  # the only unique key is the id
+                raise
+            return await self._replayed(user_id, conversation_id, ids)
         if not rows:
             return None
         return [_message(r) for r in rows], _conversation(rows[0], prefix="conversation_")
+
+    async def _replayed(self, user_id: str, conversation_id: uuid.UUID,
+                        ids: list[uuid.UUID]) -> tuple[list[Message], Conversation] | None:
+        """An append whose ids are stored already: the same messages of the user's conversation when all of them
+        are (a retried call, answered as the first one was), None when the conversation is not the user's, and
+        AlreadyExists when an id belongs to some other message."""
+        async with self._autocommit() as conn:
+            conversation = (await conn.execute(
+                text(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = :id AND user_id = :user_id"),
+                {"id": conversation_id, "user_id": user_id})).one_or_none()
+            if conversation is None:
+                return None
+            rows = (await conn.execute(
+                text(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ANY(CAST(:ids AS uuid[])) "
+                     "AND conversation_id = :conversation_id AND user_id = :user_id ORDER BY seq"),
+                {"ids": ids, "conversation_id": conversation_id, "user_id": user_id})).all()
+        if len(rows) != len(ids):
+            raise AlreadyExists("message_id: some of these ids are already used by other messages; use new ids, "
+                                "or the very same messages to retry an append")
+        return [_message(r) for r in rows], _conversation(conversation)
 
     async def set_embeddings(self, ids: list[uuid.UUID], vectors: np.ndarray) -> None:
         """Store the vectors (one row each, in `ids` order) of messages."""

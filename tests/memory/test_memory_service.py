@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -64,6 +65,50 @@ async def test_append_is_ordered_counted_and_embedded(memory):
     again = await append(memory, user, cid, (pb.ROLE_USER, "And I work in Porto."))
     assert (again.conversation.message_count, again.conversation.user_id) == (3, user)
     assert again.conversation.update_time.ToDatetime() >= conv.update_time.ToDatetime()
+
+
+async def test_a_retried_append_with_its_message_ids_stores_nothing_twice(memory, database_url):
+    user, other = uid(), uid()
+    cid = await new_conversation(memory, user)
+    ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    request = pb.AppendMessagesRequest(user_id=user, conversation_id=cid, messages=[
+        pb.NewMessage(role=pb.ROLE_USER, content="My cat is called Miso.", message_id=ids[0]),
+        pb.NewMessage(role=pb.ROLE_ASSISTANT, content="Miso is a lovely name.", message_id=ids[1])])
+    first = await memory.AppendMessages(request)
+    assert [m.message_id for m in first.messages] == ids
+    # The retry (e.g. the answer to the first call was lost), and two more racing each other: the same answer.
+    again = [await memory.AppendMessages(request), *await asyncio.gather(*(memory.AppendMessages(request)
+                                                                           for _ in range(2)))]
+    for r in again:
+        assert [(m.message_id, m.content, m.create_time) for m in r.messages] == \
+            [(m.message_id, m.content, m.create_time) for m in first.messages]
+        assert r.conversation.message_count == 2
+    assert await count(database_url, "SELECT count(*) FROM messages WHERE conversation_id = :c",
+                       c=uuid.UUID(cid)) == 2
+    listed = await memory.ListMessages(pb.ListMessagesRequest(user_id=user, conversation_id=cid))
+    assert [m.message_id for m in listed.messages] == ids
+
+    # An id used by another message (here: of the same turn, in a new one) is refused; nothing is stored.
+    mixed = pb.AppendMessagesRequest(user_id=user, conversation_id=cid, messages=[
+        pb.NewMessage(role=pb.ROLE_USER, content="A new message.", message_id=str(uuid.uuid4())),
+        pb.NewMessage(role=pb.ROLE_USER, content="Reusing an id.", message_id=ids[0])])
+    await expect_error(memory.AppendMessages(mixed), grpc.StatusCode.ALREADY_EXISTS, "message_id")
+    # Someone else's conversation stays NOT_FOUND, even with ids that exist.
+    other_cid = await new_conversation(memory, other)
+    await expect_error(memory.AppendMessages(pb.AppendMessagesRequest(
+        user_id=user, conversation_id=other_cid, messages=request.messages)), grpc.StatusCode.NOT_FOUND)
+    # Bad ids: not a UUID, or twice in one call.
+    await expect_error(memory.AppendMessages(pb.AppendMessagesRequest(user_id=user, conversation_id=cid, messages=[
+        pb.NewMessage(role=pb.ROLE_USER, content="x", message_id="not-a-uuid")])),
+        grpc.StatusCode.INVALID_ARGUMENT, "messages[0].message_id")
+    twice = str(uuid.uuid4())
+    await expect_error(memory.AppendMessages(pb.AppendMessagesRequest(user_id=user, conversation_id=cid, messages=[
+        pb.NewMessage(role=pb.ROLE_USER, content="x", message_id=twice),
+        pb.NewMessage(role=pb.ROLE_USER, content="y", message_id=twice)])),
+        grpc.StatusCode.INVALID_ARGUMENT, "message_id")
+    assert await count(database_url, "SELECT count(*) FROM messages WHERE user_id IN (:u, :o)", u=user, o=other) == 2
+    conv = (await memory.GetConversation(pb.GetConversationRequest(user_id=user, conversation_id=cid))).conversation
+    assert conv.message_count == 2
 
 
 async def test_tool_messages_round_trip(memory):
