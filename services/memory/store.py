@@ -243,12 +243,10 @@ class MemoryStore:
         """An append whose ids are stored already: the same messages of the user's conversation when all of them
         are (a retried call, answered as the first one was), None when the conversation is not the user's, and
         AlreadyExists when an id belongs to some other message."""
+        conversation = await self.get_conversation(user_id, conversation_id)
+        if conversation is None:
+            return None
         async with self._autocommit() as conn:
-            conversation = (await conn.execute(
-                text(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = :id AND user_id = :user_id"),
-                {"id": conversation_id, "user_id": user_id})).one_or_none()
-            if conversation is None:
-                return None
             rows = (await conn.execute(
                 text(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ANY(CAST(:ids AS uuid[])) "
                      "AND conversation_id = :conversation_id AND user_id = :user_id ORDER BY seq"),
@@ -256,7 +254,7 @@ class MemoryStore:
         if len(rows) != len(ids):
             raise AlreadyExists("message_id: some of these ids are already used by other messages; use new ids, "
                                 "or the very same messages to retry an append")
-        return [_message(r) for r in rows], _conversation(conversation)
+        return [_message(r) for r in rows], conversation
 
     async def set_embeddings(self, ids: list[uuid.UUID], vectors: np.ndarray) -> None:
         """Store the vectors (one row each, in `ids` order) of messages."""
