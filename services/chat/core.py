@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -42,9 +43,10 @@ from services.chat.guards.usage import usage_row
 from services.chat.peers import ROLE_NAMES, MemoryPeer, PromptMessage
 from services.chat.summary import Summarizer
 from services.chat.telemetry import TurnMetrics
-from services.chat.window import WindowCache, fit_window, slide
+from services.chat.window import RecallPlan, WindowCache, fit_window, plan_recall, slide
 
-RECALL_SLACK = 8  # recall hits fetched beyond recall_top_k, to drop those already in the window
+RECALL_SLACK = 8  # recall hits fetched beyond recall_top_k when the window is not known yet, to drop its own
+MAX_RECALL_TOP_K = 100  # RecallRequest.top_k's bound (memory.proto)
 _log = get_logger(__name__)
 
 
@@ -127,7 +129,10 @@ class ChatCore:
             await g.limits.acquire(req.user_id, estimate_turn_tokens(
                 req.message, self.settings, req.options.max_tokens, self.default_max_tokens))
             await g.budget.check(req.user_id)
-        lookups = self.start_lookups(req)  # recall and document search need only the message: they start now
+        # The message's id is chosen here: recall, which starts now (with document search: they need only the
+        # message), can leave it out before it is stored.
+        message = PromptMessage("user", req.message, message_id=str(uuid.uuid4()))
+        lookups = self.start_lookups(req, message, self.windows.peek(req.session_id) if req.session_id else [])
         history = None
         try:
             if req.session_id:
@@ -139,8 +144,7 @@ class ChatCore:
                 with step("session"):
                     session_id = (await self.memory.create_session(req.user_id, title=req.message[:80])).conversation_id
             with step("persist_message"):  # NOT_FOUND (nothing stored) unless the session is the user's
-                stored, session = await self.memory.append(req.user_id, session_id,
-                                                           [PromptMessage("user", req.message)])
+                stored, session = await self.memory.append(req.user_id, session_id, [message])
             yield SessionStarted(session_id)
             with step("context"):
                 if history is not None:
@@ -298,22 +302,25 @@ class ChatCore:
             _log.warning("summary_failed", error=exc.message)
             return None
 
-    def start_lookups(self, req: TurnRequest) -> Lookups:
-        """Start recall and document search for this message (they run while the session is read and the message
-        persisted).
+    def start_lookups(self, req: TurnRequest, message: PromptMessage, cached: list[PromptMessage] | None) -> Lookups:
+        """Start recall and document search for this message (they run while the message is persisted and, unless
+        cached, the window read).
 
-        Recall must not return what will be in the window, which is only known once the window is: it asks for
-        RECALL_SLACK more hits than it keeps; `assemble` drops the window's and, only if that leaves too few, asks
-        again excluding them.
+        Recall must not return what will be in the window, which is only known once the window is
+        (`window.plan_recall`): with the window `cached` (before `message`; [] for a new session, None: not
+        cached), it leaves out what is sure to stay in it and asks for one more hit per message that may slide
+        out; otherwise for RECALL_SLACK more. `assemble` drops the window's and, only if that leaves too few,
+        asks again excluding them.
         """
         use_recall = bool(self.settings.recall_top_k) and not req.options.disable_recall
         use_documents = bool(self.settings.document_top_k) and not req.options.disable_recall
         warnings: list[str] = []
+        plan = plan_recall(cached, message, self.settings.history_token_budget, self.settings.recall_top_k,
+                           RECALL_SLACK, MAX_RECALL_TOP_K) if use_recall else None
         return Lookups(
-            asyncio.ensure_future(self._recall(req, [], self.settings.recall_top_k + RECALL_SLACK, warnings)
-                                  if use_recall else _nothing()),
+            asyncio.ensure_future(self._recall(req, plan.exclude, plan.top_k, warnings) if plan else _nothing()),
             asyncio.ensure_future(self._documents(req, warnings) if use_documents else _nothing()),
-            warnings)
+            warnings, plan)
 
     async def _read_window(self, user_id: str, session_id: str) -> list[PromptMessage]:
         return await self.memory.history(user_id, session_id, self.settings.history_token_budget)
@@ -328,8 +335,11 @@ class ChatCore:
         in_window = {m.message_id for m in history if m.message_id}
         hits = await lookups.recall
         kept = [h for h in hits if h.message.message_id not in in_window][: self.settings.recall_top_k]
-        more_exist = len(hits) == self.settings.recall_top_k + RECALL_SLACK  # never when recall is off: no hits
-        if more_exist and len(kept) < self.settings.recall_top_k:
+        plan = lookups.plan
+        # Asked again, leaving out the window, if the first call left out a message that is not in it after all
+        # (the cached window did not hold: another writer stored in the session), or kept too few of its hits.
+        if plan and (not in_window.issuperset(plan.exclude)
+                     or (len(hits) == plan.top_k and len(kept) < self.settings.recall_top_k)):
             kept = await self._recall(req, sorted(in_window), self.settings.recall_top_k, warnings)
         memory = [
             MemoryItem(
@@ -385,6 +395,7 @@ class Lookups:
     recall: asyncio.Future
     documents: asyncio.Future
     warnings: list[str]
+    plan: RecallPlan | None  # None: recall is off
 
     def cancel(self) -> None:
         _discard(self.recall)

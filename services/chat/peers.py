@@ -43,8 +43,9 @@ class PromptMessage:
             content=self.content,
             tool_calls=[mpb.ToolCall(id=i, name=n, arguments_json=a) for i, n, a in self.tool_calls or ()],
             tool_call_id=self.tool_call_id,
-            # chosen here, so that a retry of the call (gRPC's retry policy resends it) cannot store it twice
-            message_id=str(uuid.uuid4()),
+            # chosen by the chat service (here, unless the turn chose it already), so that a retry of the call
+            # (gRPC's retry policy resends it) cannot store it twice
+            message_id=self.message_id or str(uuid.uuid4()),
         )
 
     @classmethod

@@ -7,6 +7,10 @@ the session since (the session's message count grew by exactly that one message)
 another chat replica, an approval resumed elsewhere, or a direct AppendMessages, breaks that check, and the window
 is read again. The window only ever slides forward (the budget is fixed and messages are never edited), so the
 cached window plus the new messages, fitted to the budget, is exactly what a fresh read would return.
+
+Recall must leave out the window, but it starts before the window is known (beside the append of the message,
+whose token count the memory service computes). `plan_recall` leaves out, from the start, what is sure to stay
+in the window, and asks for as many extra hits as there are messages that may or may not slide out.
 """
 
 from __future__ import annotations
@@ -43,6 +47,36 @@ def slide(window: list[PromptMessage], added: list[PromptMessage], budget: int) 
 
 
 @dataclass
+class RecallPlan:
+    """What a turn's first Recall leaves out and asks for (see `plan_recall`)."""
+
+    exclude: list[str]  # message ids surely in the window
+    top_k: int  # hits to ask for: what the turn keeps, plus one per message that may be in the window or not
+
+
+def max_tokens(text: str) -> int:
+    """An upper bound of the tokens the memory service will count for `text`: a WordPiece token stands for at
+    least one character of it; doubled, with room, for normalisations that split a character."""
+    return 2 * len(text) + 8
+
+
+def plan_recall(cached: list[PromptMessage] | None, message: PromptMessage, budget: int, keep: int,
+                slack: int, limit: int) -> RecallPlan:
+    """The first Recall of a turn whose window is `cached` (before `message`; None: unknown until read).
+
+    Known window: its newest messages that fit `budget` even beside the largest possible `message` stay in the
+    window whatever the message's token count is; they and `message` are left out. The older ones may slide out,
+    so one more hit is asked for each, and those that stayed are dropped once the window is known: `keep` hits
+    remain if the user has them. Unknown window: `slack` more hits, dropped the same way (if that leaves too few,
+    the turn asks again, leaving the window out)."""
+    if cached is None:
+        return RecallPlan([], min(limit, keep + slack))
+    sure = newest_within(cached, budget - max_tokens(message.content))
+    return RecallPlan([m.message_id for m in sure if m.message_id] + [message.message_id],
+                      min(limit, keep + len(cached) - len(sure)))
+
+
+@dataclass
 class _Entry:
     message_count: int  # the session's message count when `messages` were its window
     messages: list[PromptMessage]
@@ -57,6 +91,11 @@ class WindowCache:
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._entries
+
+    def peek(self, session_id: str) -> list[PromptMessage] | None:
+        """The cached window of a session, if any (valid for this turn only if `earlier` says so later)."""
+        entry = self._entries.get(session_id)
+        return None if entry is None else entry.messages
 
     def earlier(self, session_id: str, message_count_after: int) -> list[PromptMessage] | None:
         """The window before this turn's message, if nothing but that one message was stored since it was

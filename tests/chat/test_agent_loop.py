@@ -341,6 +341,50 @@ async def test_a_session_window_is_reused_until_another_writer_stores_in_the_ses
         "My third note."], "read again: the other writer's message is in the window"
 
 
+async def test_recall_leaves_out_the_window_and_finds_what_slid_out_of_it_in_one_call(stack):
+    """Recall starts before the window is known. With the session's window cached, its one call leaves out what
+    surely stays in the window and asks for one more hit per message that may slide out: the message that the
+    question pushes out of the window (history budget: 64 tokens) is recalled by the same turn."""
+    user = uid()
+    cat = "My cat is called Biscuit, a small orange tabby who sleeps in the sun on the balcony all afternoon."  # 23
+    filler = "Unrelated: the weather report for tomorrow says rain in the morning and clear skies later on."  # 18
+    question = "What is my cat called? I keep forgetting the name of the little orange one who sleeps outside."  # 20
+
+    def recalls() -> float:
+        return stack.metrics.registry.get_sample_value("parley_grpc_requests_total", {
+            "service": "parley.memory.v1.MemoryService", "method": "Recall", "code": "OK"}) or 0.0
+
+    async def turn(session_id: str, message: str) -> tuple[pb.ChatResponse, list[str], float]:
+        stack.model.play(say("Noted."))  # 2 tokens
+        before = recalls()
+        r = await stack.chat.Chat(pb.ChatRequest(user_id=user, session_id=session_id, message=message))
+        [prompt] = stack.model.requests
+        window = [m.content for m in prompt.messages[1:]]
+        assert not {m.content for m in r.memory} & set(window), "nothing recalled is in the window"
+        return r, window, recalls() - before
+
+    first, _, calls = await turn("", cat)
+    assert calls == 1
+    _, window, calls = await turn(first.session_id, filler)
+    assert window == [cat, "Noted.", filler] and calls == 1
+    for _ in range(100):  # the first message's vector is stored moments after its turn
+        found = await stack.memory.Recall(mpb.RecallRequest(user_id=user, query=question, top_k=10))
+        if any(h.message.content == cat for h in found.results):
+            break
+        await asyncio.sleep(0.05)
+    r, window, calls = await turn(first.session_id, question)
+    assert window == ["Noted.", filler, "Noted.", question], "the question pushed the first message out"
+    assert cat in [m.content for m in r.memory], list(r.memory)
+    assert calls == 1, "the cached window told the one call what to leave out"
+
+    await stack.memory.AppendMessages(mpb.AppendMessagesRequest(  # another writer: the cached window is stale
+        user_id=user, conversation_id=first.session_id,
+        messages=[mpb.NewMessage(role=mpb.ROLE_USER, content="A note about my cat stored by another client.")]))
+    r, window, _ = await turn(first.session_id, "Tell me about my cat again.")
+    assert window[-2:] == ["A note about my cat stored by another client.", "Tell me about my cat again."]
+    assert cat in [m.content for m in r.memory], list(r.memory)
+
+
 async def test_model_calls_are_accounted_even_when_the_answer_cannot_be_stored(stack):
     """The answer is stored while the turn is accounted: a failed store does not lose what the calls cost."""
     user = uid()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.chat.window import WindowCache, fit_window, slide
+from services.chat.window import RecallPlan, WindowCache, fit_window, max_tokens, plan_recall, slide
 from services.chat.peers import PromptMessage
 
 
@@ -46,3 +46,25 @@ def test_a_cached_window_serves_only_the_next_message_of_its_session():
     disabled = WindowCache(size=0)
     disabled.put("s1", 1, [msg(0)])
     assert "s1" not in disabled
+
+
+def test_recall_leaves_out_what_surely_stays_in_the_window_and_asks_one_more_per_uncertain_message():
+    new = PromptMessage("user", "x" * 10, message_id="id-new")  # at most 2 * 10 + 8 = 28 tokens
+    cached = [msg(i) for i in range(6)]  # 60 tokens
+    plan = plan_recall(cached, new, budget=60, keep=4, slack=8, limit=100)
+    # 60 - 28 = 32 tokens surely stay beside the message: the newest three; the other three may slide out
+    assert plan.exclude == ["id-3", "id-4", "id-5", "id-new"] and plan.top_k == 4 + 3
+    # whatever the message's real token count, the window keeps every message the plan left out
+    for tokens in range(0, 29):
+        stored = PromptMessage("user", new.content, message_id="id-new", token_count=tokens)
+        assert set(plan.exclude) <= {m.message_id for m in fit_window(cached, stored, 60)}
+
+
+def test_recall_plan_of_a_new_session_an_unknown_window_and_a_large_one():
+    new = PromptMessage("user", "hello", message_id="id-new")
+    assert plan_recall([], new, budget=500, keep=4, slack=8, limit=100) == RecallPlan(["id-new"], 4)
+    assert plan_recall(None, new, budget=500, keep=4, slack=8, limit=100) == RecallPlan([], 12)
+    many, long = [msg(i, tokens=1) for i in range(300)], PromptMessage("user", "y" * 100, message_id="id-long")
+    plan = plan_recall(many, long, budget=300, keep=4, slack=8, limit=100)
+    assert len(plan.exclude) == 300 - max_tokens(long.content) + 1, "the newest 92, and the message"
+    assert plan.top_k == 100, "4 + 208 capped at RecallRequest.top_k's bound; the turn asks again if too few are kept"
