@@ -229,8 +229,17 @@ class MemoryCore:
         if q.exclude_recent_count < 0:
             raise v.invalid("exclude_recent_count", "must not be negative")
         q.roles = q.roles or [Role.USER, Role.ASSISTANT]
-        q.vector = (await self.embedder.embed([query]))[0].tolist()
-        return await self.store.recall(q)
+        # The plan's input (the user's message count) is read while the query is embedded: one round trip less
+        # after the vector is known.
+        owned = asyncio.ensure_future(self.store.owned_messages(q.user_id))
+        try:
+            q.vector = (await self.embedder.embed([query]))[0].tolist()
+        except BaseException:
+            owned.cancel()
+            if owned.done() and not owned.cancelled():
+                owned.exception()  # the call fails for the embedding's reason; this one is not left unretrieved
+            raise
+        return await self.store.recall(q, await owned)
 
     # -- documents -----------------------------------------------------------------------------
 

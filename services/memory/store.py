@@ -69,6 +69,7 @@ _OWNER_AS_CONVERSATION = ", ".join(f"owner.{c} AS conversation_{c}" for c in _CO
 _DOCUMENT_COLUMNS = "id, user_id, title, source, visibility, chunk_count, metadata, created_at"
 
 # Statements of the hot paths, parsed once (text() scans its SQL for bind parameters at every construction).
+_OWNED = text("SELECT coalesce(sum(message_count), 0) FROM conversations WHERE user_id = :user_id")
 _APPEND = text(
     f"""
     WITH owner AS (
@@ -355,12 +356,17 @@ class MemoryStore:
         )
         return exact, approximate, params
 
-    async def recall(self, q: RecallQuery) -> list[tuple[Message, float]]:
+    async def owned_messages(self, user_id: str) -> int:
+        """How many messages `user_id` has: what `recall` chooses its plan by."""
+        async with self._autocommit() as conn:
+            return int((await conn.execute(_OWNED, {"user_id": user_id})).scalar_one())
+
+    async def recall(self, q: RecallQuery, owned: int | None = None) -> list[tuple[Message, float]]:
+        """The user's best matches; `owned`: their message count if the caller has it (`owned_messages`)."""
         exact, approximate, params = self.recall_statements(q)
         async with self._autocommit() as conn:
-            owned = (await conn.execute(
-                text("SELECT coalesce(sum(message_count), 0) FROM conversations WHERE user_id = :user_id"),
-                {"user_id": q.user_id})).scalar_one()
+            if owned is None:
+                owned = (await conn.execute(_OWNED, {"user_id": q.user_id})).scalar_one()
             rows = (await conn.execute(exact if owned <= self.exact_recall_max_messages else approximate,
                                        params)).all()
         # The approximate plan's candidates come in relaxed order: rank them exactly and keep top_k.
