@@ -46,12 +46,17 @@ class UsageRecorder:
         return await self.record_many([usage_row(**fields)])
 
     async def record_many(self, rows: list[dict]) -> bool:
-        """Write the rows of one turn (from `usage_row`) in one statement, in order."""
+        """Write the rows of one turn (from `usage_row`) in order, all or none."""
         if not rows:
             return True
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(_INSERT, rows)
+            async with self.engine.connect() as conn:
+                if len(rows) == 1:  # the usual turn: one statement is atomic alone, without BEGIN and COMMIT
+                    autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    await autocommit.execute(_INSERT, rows[0])
+                else:
+                    async with conn.begin():
+                        await conn.execute(_INSERT, rows)
         except (SQLAlchemyError, OSError) as exc:
             for row in rows:
                 self._failures.labels(row["kind"]).inc()
