@@ -68,7 +68,9 @@ class Embedder:
 
     def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 0.0, cache_size: int = 2048,
                  encoder: OnnxEncoder | OpenVinoEncoder | None = None, background_wait_ms: float = 50.0,
-                 background_batch: int = 16) -> None:
+                 background_batch: int = 16, background_encoder: OnnxEncoder | OpenVinoEncoder | None = None) -> None:
+        """`background_encoder`: the background lane's copy of `encoder` (made here if not given: OpenVINO
+        compiles it, ~0.3 s, which `load` does in its thread instead of on the event loop)."""
         self._model = model
         self._encoder = encoder  # None: the model's own PyTorch fp32 forward pass
         self.backend = {OnnxEncoder: "onnx", OpenVinoEncoder: "openvino"}.get(type(encoder), "torch")
@@ -82,7 +84,8 @@ class Embedder:
         urgent_pool = ThreadPoolExecutor(1, thread_name_prefix="embed-urgent")
         # The plain PyTorch model is not thread-safe (its tokenizer): without an encoder both lanes share a thread.
         background_pool = ThreadPoolExecutor(1, thread_name_prefix="embed-background") if encoder else urgent_pool
-        background_encoder = encoder.clone() if encoder is not None else None
+        if background_encoder is None and encoder is not None:
+            background_encoder = encoder.clone()
         self._urgent = _Lane("urgent", max_wait_ms / 1000, batch_size,
                              lambda texts: self._encode(texts, encoder), urgent_pool)
         self._background = _Lane("background", background_wait_ms / 1000, min(background_batch, batch_size),
@@ -150,14 +153,18 @@ class Embedder:
                              fallback="torch")
                 return model, None
 
-        task = asyncio.ensure_future(asyncio.to_thread(_load))
+        def _load_both():
+            model, encoder = _load()
+            return model, encoder, (encoder.clone() if encoder is not None else None)
+
+        task = asyncio.ensure_future(asyncio.to_thread(_load_both))
         while not task.done():
             await asyncio.wait({task}, timeout=1.0)
             if not task.done():
                 _log.info("embedding_model_loading", elapsed_s=round(time.perf_counter() - started, 1))
-        model, encoder = task.result()
+        model, encoder, background_encoder = task.result()
         embedder = cls(model, batch_size, max_wait_ms, encoder=encoder, background_wait_ms=background_wait_ms,
-                       background_batch=background_batch)
+                       background_batch=background_batch, background_encoder=background_encoder)
         _log.info("embedding_model_ready", load_s=round(time.perf_counter() - started, 2), dim=EMBEDDING_DIM,
                   backend=embedder.backend, precision=embedder.precision)
         return embedder
