@@ -11,7 +11,8 @@ from parley.runtime.config import InferenceSettings, Settings
 from services.inference.domain import ProviderUsage
 from services.inference.pricing import PriceError, PriceTable, compute_cost
 from services.inference.providers.base import RATE_LIMIT, SERVER, ProviderError
-from services.inference.providers.llama_engine import _StopScanner
+from services.inference.providers.llama_engine import _StopScanner, grammar_for, json_gbnf
+from services.inference.providers.toolcalls import parse_call
 from services.inference.resilience import Cooldowns, _Backoff
 from services.inference.routes import RouteError, load_routes
 
@@ -190,3 +191,21 @@ def test_closed_schemas_accept_only_what_the_original_accepts():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"a": {"b": "x", "extra": 1}}, tight)
     assert "additionalProperties" not in schema  # the caller's schema is not modified
+
+
+def test_tool_call_grammar_keeps_raw_control_characters_out_of_strings():
+    """llama-cpp-python's converter allowed any character but `"` and `\\` in a JSON string; the local model once
+    wrote a raw newline into a tool argument (`"timezone": "UTC+08:30 }}<newline><newline>The time is in..."`),
+    which strict JSON rejects. The grammar now excludes control characters, as llama.cpp's own converter does."""
+    gbnf = json_gbnf(json.dumps({"type": "object", "properties": {"t": {"type": "string"}}}))
+    [char] = [line for line in gbnf.splitlines() if line.startswith("char ::=")]
+    assert char.startswith(r'char ::= [^"\\\x7F\x00-\x1F] |'), char
+    assert grammar_for({"type": "string"}, "schema") is not None, "llama.cpp accepts the rewritten grammar"
+
+
+def test_a_tool_call_with_a_raw_control_character_still_parses():
+    raw = '{"name": "get_time", "arguments": {"timezone": "UTC+9\nTokyo"}}'  # a raw newline inside the string
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)
+    call = parse_call(raw)
+    assert call.name == "get_time" and json.loads(call.arguments_json) == {"timezone": "UTC+9\nTokyo"}

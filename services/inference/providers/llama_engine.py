@@ -45,11 +45,25 @@ class Outcome:
     first_token_at: float | None = None  # perf_counter() of the first sampled token
 
 
+# llama-cpp-python's converter lets a JSON string hold any character but `"` and `\`, control characters
+# included, which JSON forbids unescaped: the local model once wrote a raw newline into a tool argument, and the
+# call did not parse. llama.cpp's own converter excludes them; so does this rule.
+_ANY_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
+def json_gbnf(schema_json: str) -> str:
+    """The GBNF grammar of JSON valid against the schema, strings without raw control characters."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema_json).replace(_ANY_CHAR, _JSON_CHAR)
+
+
 @functools.lru_cache(maxsize=256)
 def _grammar(schema_json: str):
     from llama_cpp import LlamaGrammar
 
-    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+    return LlamaGrammar.from_string(json_gbnf(schema_json), verbose=False)
 
 
 def grammar_for(schema: dict[str, Any], field: str):

@@ -74,7 +74,7 @@ def with_tools_prompt(messages: list[Message], tools: list[ToolDef], forced: str
 
 def parse_call(text: str) -> ToolCall:
     """The `ToolCall` in a constrained `{"name", "arguments"}` answer (raises ValueError if malformed)."""
-    data = json.loads(text)
+    data = json.loads(text, strict=False)  # a raw control character inside a string is kept, not fatal
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(
         data.get("arguments"), dict
     ):
