@@ -231,15 +231,9 @@ class MemoryCore:
         q.roles = q.roles or [Role.USER, Role.ASSISTANT]
         # The plan's input (the user's message count) is read while the query is embedded: one round trip less
         # after the vector is known.
-        owned = asyncio.ensure_future(self.store.owned_messages(q.user_id))
-        try:
-            q.vector = (await self.embedder.embed([query]))[0].tolist()
-        except BaseException:
-            owned.cancel()
-            if owned.done() and not owned.cancelled():
-                owned.exception()  # the call fails for the embedding's reason; this one is not left unretrieved
-            raise
-        return await self.store.recall(q, await owned)
+        owned, vectors = await asyncio.gather(self.store.owned_messages(q.user_id), self.embedder.embed([query]))
+        q.vector = vectors[0].tolist()
+        return await self.store.recall(q, owned)
 
     # -- documents -----------------------------------------------------------------------------
 

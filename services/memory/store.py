@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +14,7 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from parley.runtime.db import VECTOR_SCAN_SETTINGS
+from parley.runtime.db import VECTOR_SCAN_SETTINGS, autocommit
 from parley.runtime.embeddings import EMBEDDING_DIM
 from parley.runtime.errors import AlreadyExists
 from services.memory.records import (
@@ -111,12 +111,9 @@ class MemoryStore:
         # B-tree narrows to them); beyond it, the HNSW index with iterative scans answers.
         self.exact_recall_max_messages = exact_recall_max_messages
 
-    @asynccontextmanager
-    async def _autocommit(self, engine: AsyncEngine | None = None) -> AsyncIterator[AsyncConnection]:
-        """A pooled connection (of `engine`, default the main one) whose statements each stand alone: a read, or a
-        write that is one statement. No BEGIN and no COMMIT/ROLLBACK: one round trip per statement."""
-        async with (engine or self.engine).connect() as conn:
-            yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+    def _autocommit(self, engine: AsyncEngine | None = None) -> AbstractAsyncContextManager[AsyncConnection]:
+        """`db.autocommit` on `engine`, default the main one."""
+        return autocommit(engine or self.engine)
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -203,17 +200,16 @@ class MemoryStore:
 
     async def append_messages(
         self, user_id: str, conversation_id: uuid.UUID, messages: list[NewMessage], token_counts: list[int],
-        ids: list[uuid.UUID] | None = None,
+        ids: list[uuid.UUID],
     ) -> tuple[list[Message], Conversation] | None:
         """Insert a turn atomically; the stored messages and the conversation as the append left it, or None (and
         nothing written) when the conversation is not the user's.
 
         One statement (its own transaction): the conversation's counters are bumped by a data-modifying CTE that
         only matches the caller's conversation, and the messages are inserted only if it did — one round trip.
-        `ids` (default: new ones) are the messages' ids. When one of them is stored already, the statement is
-        undone as a whole, and a retry of an earlier append is recognised: see `_replayed`.
+        `ids` are the messages' ids. When one of them is stored already, the statement is undone as a whole, and a
+        retry of an earlier append is recognised: see `_replayed`.
         """
-        ids = ids or [uuid.uuid4() for _ in messages]
         try:
             async with self._autocommit() as conn:
                 rows = (await conn.execute(

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from parley.runtime.db import autocommit
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
 
@@ -50,13 +51,12 @@ class UsageRecorder:
         if not rows:
             return True
         try:
-            async with self.engine.connect() as conn:
-                if len(rows) == 1:  # the usual turn: one statement is atomic alone, without BEGIN and COMMIT
-                    autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    await autocommit.execute(_INSERT, rows[0])
-                else:
-                    async with conn.begin():
-                        await conn.execute(_INSERT, rows)
+            if len(rows) == 1:  # the usual turn: one statement is atomic alone, without BEGIN and COMMIT
+                async with autocommit(self.engine) as conn:
+                    await conn.execute(_INSERT, rows[0])
+            else:
+                async with self.engine.begin() as conn:
+                    await conn.execute(_INSERT, rows)
         except (SQLAlchemyError, OSError) as exc:
             for row in rows:
                 self._failures.labels(row["kind"]).inc()
