@@ -345,7 +345,7 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
     print(f"== ingestion through gRPC to `parley serve memory` ({args.sequential} sequential appends, "
           f"{args.writers} writers x {args.per_writer}; one message per call; clock stops when the last vector "
           "is stored)")
-    print(f"  {args.rounds} rounds of each (new users and texts each round): median (min-max); goal >= 300 msgs/s")
+    print(f"  {args.rounds} rounds of each (new users and texts each round): median (each round); goal >= 300 msgs/s")
     results = {}
     with process([sys.executable, "-m", "parley.cli", "serve", "memory"], env, str(tmp / "memory.log")) as proc:
         wait_serving(f"127.0.0.1:{port}", proc)
@@ -366,8 +366,8 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
                 results[mode] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
                 def spread(key: str, rounds=rounds) -> str:
-                    values = sorted(r[key] for r in rounds)
-                    return f"{statistics.median(values):.0f} ({values[0]:.0f}-{values[-1]:.0f})"
+                    values = [r[key] for r in rounds]
+                    return f"{statistics.median(values):.0f} (rounds: {', '.join(f'{x:.0f}' for x in values)})"
 
                 print(f"  {label}: batch 1, one writer {spread('sequential')} msgs/s; "
                       f"{args.writers} concurrent writers {spread('concurrent')} msgs/s")

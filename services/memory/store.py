@@ -33,6 +33,7 @@ _UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 HNSW_EF_SEARCH = int(VECTOR_SCAN_SETTINGS["hnsw.ef_search"])  # set for every session by `Database`
 HNSW_OVERFETCH = 4  # candidates per requested neighbour on the approximate recall plan
+EXACT_SHORTLIST = 3  # half-precision candidates per requested neighbour that the exact plan re-ranks
 
 
 def vector_literal(vector: Sequence[float]) -> str:
@@ -310,7 +311,7 @@ class MemoryStore:
     @staticmethod
     def recall_statements(q: RecallQuery) -> tuple[TextClause, TextClause, dict[str, Any]]:
         """(exact, approximate, params): the two plans of `recall` over the same filters."""
-        where = ["user_id = :user_id", "embedding IS NOT NULL", "role = ANY(CAST(:roles AS smallint[]))"]
+        where = ["user_id = :user_id", "role = ANY(CAST(:roles AS smallint[]))"]
         params: dict[str, Any] = {
             "user_id": q.user_id,
             "q": vector_literal(q.vector),
@@ -319,6 +320,8 @@ class MemoryStore:
             # The approximate plan takes this many neighbours from the index and keeps the exact best top_k:
             # a relaxed-order iterative scan under a selective user filter finds good rows, not in order.
             "candidates": max(q.top_k * HNSW_OVERFETCH, HNSW_EF_SEARCH // 2),
+            # The exact plan ranks by the half-precision copies, then re-ranks this many by the float4 vectors.
+            "shortlist": max(q.top_k * EXACT_SHORTLIST, q.top_k + 20),
         }
         if q.conversation_ids:
             where.append("conversation_id = ANY(CAST(:cids AS uuid[]))")
@@ -340,15 +343,20 @@ class MemoryStore:
             params.update(xcid=q.exclude_recent_conversation, xn=q.exclude_recent_count)
         approximate = text(
             f"SELECT {_MESSAGE_COLUMNS}, 1 - (embedding <=> CAST(:q AS vector)) AS score "
-            f"FROM messages WHERE {' AND '.join(where)} ORDER BY embedding <=> CAST(:q AS vector) LIMIT :candidates"
+            f"FROM messages WHERE {' AND '.join(['embedding IS NOT NULL', *where])} "
+            f"ORDER BY embedding <=> CAST(:q AS vector) LIMIT :candidates"
         )
-        # Ordered by the score, not by the distance operator, so the planner cannot answer with the HNSW index: the
-        # user's rows come from the covering (user_id, created_at) index (an index-only scan over their contiguous
-        # leaf pages, migration 0004) and are all ranked exactly.
+        # Every row of the user is ranked. Ordered by a score, not by a distance operator, so the planner cannot
+        # answer with an ANN index: the rows come from the covering (user_id, created_at) index, an index-only scan
+        # over the user's contiguous leaf pages that carry half-precision vectors (migrations 0004, 0005). The
+        # shortlist is then ranked by the float4 vectors: the scores returned are exact, and a neighbour that
+        # float16 rounding moved a little down the order is still found.
         exact = text(
-            f"WITH best AS (SELECT id, 1 - (embedding <=> CAST(:q AS vector)) AS score FROM messages "
-            f"WHERE {' AND '.join(where)} ORDER BY score DESC LIMIT :limit) "
-            f"SELECT {_MESSAGE_COLUMNS}, best.score FROM best JOIN messages USING (id)"
+            f"WITH shortlist AS (SELECT id FROM messages "
+            f"WHERE {' AND '.join(['embedding_half IS NOT NULL', *where])} "
+            f"ORDER BY 1 - (embedding_half <=> CAST(:q AS halfvec)) DESC LIMIT :shortlist) "
+            f"SELECT {_MESSAGE_COLUMNS}, 1 - (embedding <=> CAST(:q AS vector)) AS score "
+            f"FROM shortlist JOIN messages USING (id) ORDER BY score DESC LIMIT :limit"
         )
         return exact, approximate, params
 

@@ -168,7 +168,7 @@ async def test_exact_recall_reads_the_covering_index_not_hnsw(core):
         await conn.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny test table would be scanned whole
         await conn.execute(text("SET LOCAL enable_bitmapscan = off"))
         plan = json.dumps((await conn.execute(text(f"EXPLAIN (FORMAT JSON) {exact.text}"), params)).scalar_one())
-    assert "messages_user_recall" in plan and "Index Only Scan" in plan
+    assert "messages_user_recall_half" in plan and "Index Only Scan" in plan
     assert "messages_embedding_hnsw" not in plan
     hits = await store.recall(query)
     assert len(hits) == 3 and all(m.user_id == "plan-user" for m, _ in hits)
