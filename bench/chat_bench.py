@@ -85,7 +85,9 @@ async def main(args: argparse.Namespace) -> None:
             async with running(settings, ["memory", "inference", "tools", "chat"], port=0, embedded=True) as app:
                 channel = make_channel(app.address)
                 stub = chat_pb2_grpc.ChatServiceStub(channel)
-                await run_level(stub, 10, 3, "warmup")  # pools filled, code paths and shapes seen
+                # Warm-up at the highest level: the connection pools grown to what it needs, code paths and input
+                # shapes seen (the figures are of a service in steady state, not of its first minute).
+                await run_level(stub, max(args.concurrency), 3, "warmup")
                 rows, steps_rows = [], []
                 for level in args.concurrency:
                     before = scrape_steps(metrics_port)

@@ -52,6 +52,25 @@ async def test_an_idle_connection_is_pinged_and_replaced_when_dead(database_url)
         await db.close()
 
 
+async def test_sequential_statements_reuse_the_connection_returned_last(database_url):
+    """The pool lends the connection returned last (LIFO): statements one after another keep to one warm
+    connection, with its prepared statements, instead of visiting every pooled connection in turn, each of which
+    would prepare them again."""
+    db = Database(database_url, pool_size=4, application_name=f"parley-test-{uuid.uuid4().hex[:8]}")
+
+    async def backend(hold_s: float = 0.0) -> int:
+        async with db.engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            await asyncio.sleep(hold_s)
+            return pid
+
+    try:
+        assert len(set(await asyncio.gather(*(backend(0.05) for _ in range(4))))) == 4, "four pooled connections"
+        assert len({await backend() for _ in range(8)}) == 1
+    finally:
+        await db.close()
+
+
 async def test_a_connection_lost_in_steady_use_fails_once_as_unavailable(database_url):
     name = f"parley-test-{uuid.uuid4().hex[:8]}"
     db = Database(database_url, pool_size=2, application_name=name, ping_idle_s=3600)  # never pinged
