@@ -95,6 +95,13 @@ class MemoryPeer:
         )
         return [PromptMessage.from_memory(m) for m in r.messages]
 
+    async def last_messages(self, user_id: str, session_id: str, n: int) -> list[mpb.Message]:
+        """The session's `n` newest messages (n <= MAX_PAGE_SIZE), oldest first."""
+        r = await self.client.call(
+            "ListMessages", mpb.ListMessagesRequest(user_id=user_id, conversation_id=session_id, last_n=n)
+        )
+        return list(r.messages)
+
     async def recall(
         self, user_id: str, query: str, top_k: int, min_score: float, exclude_ids: list[str]
     ) -> list[mpb.RecalledMessage]:

@@ -44,16 +44,8 @@ class Summarizer:
         metadata = from_struct(session.metadata)
         covered = int(metadata.get(COVERED_KEY, 0))
         outside = session.message_count - window
-        older: list[mpb.Message] = []
-        token = ""
-        while len(older) < outside:  # pages of at most MAX_PAGE_SIZE (the memory service's limit)
-            page = await self.memory.list_messages(user_id, session.conversation_id,
-                                                   page_size=min(outside - len(older), MAX_PAGE_SIZE), page_token=token)
-            older.extend(page.messages)
-            token = page.next_page_token
-            if not token:
-                break
-        fresh = [m for m in older[covered:outside] if m.content]
+        older = await self._unsummarised(user_id, session, covered, outside)
+        fresh = [m for m in older if m.content]
         transcript = "\n".join(f"{PromptMessage.from_memory(m).role}: {m.content[:1000]}" for m in fresh)
         request = self.inference.request(
             model,
@@ -69,3 +61,30 @@ class Summarizer:
         u = response.usage
         return ModelCall(response.model, response.provider, u.prompt_tokens, u.completion_tokens, u.cost.cost_usd,
                          u.cost.priced, u.estimated, (time.perf_counter() - started) * 1000)
+
+    async def _unsummarised(self, user_id: str, session: mpb.Conversation, covered: int,
+                            outside: int) -> list[mpb.Message]:
+        """The session's messages `covered` to `outside` (positions, oldest first): those before the window that
+        the summary does not cover yet.
+
+        One call reads the newest `message_count - covered` messages (what is new, then the window), whatever
+        the session's length. If the session grew meanwhile (another writer stored in it), those are not the
+        same messages: then, as for a range longer than a page, the session is read from its first message.
+        """
+        newest = session.message_count - covered
+        if 0 < newest <= MAX_PAGE_SIZE:
+            page = await self.memory.last_messages(user_id, session.conversation_id, newest)
+            if len(page) == newest:
+                now = await self.memory.get_session(user_id, session.conversation_id)
+                if now.message_count == session.message_count:
+                    return page[:outside - covered]
+        older: list[mpb.Message] = []
+        token = ""
+        while len(older) < outside:  # pages of at most MAX_PAGE_SIZE (the memory service's limit)
+            page = await self.memory.list_messages(user_id, session.conversation_id,
+                                                   page_size=min(outside - len(older), MAX_PAGE_SIZE), page_token=token)
+            older.extend(page.messages)
+            token = page.next_page_token
+            if not token:
+                break
+        return older[covered:outside]

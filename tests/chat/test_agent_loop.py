@@ -27,7 +27,7 @@ from parley.runtime.clients import make_channel
 from parley.runtime.config import InferenceSettings
 from parley.runtime.db import Database
 from parley.runtime.metrics import Metrics
-from services.chat.peers import ROLE_NAMES
+from services.chat.peers import ROLE_NAMES, MemoryPeer
 from services.chat.summary import PROMPT as SUMMARY_PROMPT
 from services.inference.app import build_core
 from services.inference.domain import Role, ToolChoice
@@ -260,11 +260,34 @@ def summary_requests(model: ScriptedProvider) -> list:
     return [q for q in model.requests if q.messages[0].content == SUMMARY_PROMPT]
 
 
-async def test_history_beyond_the_budget_is_folded_into_a_rolling_summary(stack):
+def watch_summary_reads(monkeypatch, before_answer=None) -> dict[str, list]:
+    """Record how the summarizer reads a session: `last` (newest n, the usual one call) and `pages` (from the
+    first message). `before_answer(call_index)` runs after a newest-n read, before its answer returns."""
+    reads: dict[str, list] = {"last": [], "pages": []}
+    last, pages = MemoryPeer.last_messages, MemoryPeer.list_messages
+
+    async def last_messages(self, user_id, session_id, n):
+        got = await last(self, user_id, session_id, n)
+        reads["last"].append(n)
+        if before_answer is not None:
+            await before_answer(len(reads["last"]))
+        return got
+
+    async def list_messages(self, user_id, session_id, page_size, page_token):
+        reads["pages"].append(page_size)
+        return await pages(self, user_id, session_id, page_size, page_token)
+
+    monkeypatch.setattr(MemoryPeer, "last_messages", last_messages)
+    monkeypatch.setattr(MemoryPeer, "list_messages", list_messages)
+    return reads
+
+
+async def test_history_beyond_the_budget_is_folded_into_a_rolling_summary(stack, monkeypatch):
     user = uid()
+    reads = watch_summary_reads(monkeypatch)
     off = pb.ChatOptions(disable_recall=True)  # recall brings back old turns by similarity: not what is tested here
     summaries = ["Ana lives in Porto and keeps bees.", "Ana lives in Porto, keeps bees and plays the cello."]
-    session, said, found = "", [], []
+    session, said, found, stored_at = "", [], [], []
     for turn in range(12):  # each turn offers a summary reply: the model gets a summary request once one is due
         message = f"Fact number {turn + 1} about my life: I have visited {turn + 3} cities and read {turn * 7} books."
         stack.model.play(say(f"Noted fact {turn + 1}."), say(summaries[len(found)], prompt_tokens=300,
@@ -276,6 +299,7 @@ async def test_history_beyond_the_budget_is_folded_into_a_rolling_summary(stack)
         assert r.usage.model_calls == 1 + len(asked) and stack.model.left == 1 - len(asked)
         if asked:
             found.append(asked[0])
+            stored_at.append(len(said))  # the session's messages when this summary was made
             if len(found) == len(summaries):
                 break
     assert len(found) == 2, "the history outgrew the budget: the summary was updated twice"
@@ -298,6 +322,9 @@ async def test_history_beyond_the_budget_is_folded_into_a_rolling_summary(stack)
     assert folded_second == said[len(folded_first):covered], "the second update folds in only what is new"
     rows = await usage_rows(stack, user)
     assert [r.kind for r in rows].count("summary") == 2
+    # Each update read the session once: its newest messages back to the first one not yet summarised, not the
+    # session from its start.
+    assert reads["pages"] == [] and reads["last"] == [stored_at[0], stored_at[1] - len(folded_first)]
 
     # The next turn's prompt: the summary in the system message, the recent window, no summarised turn.
     stack.model.play(say("You told me several facts."))
@@ -310,6 +337,36 @@ async def test_history_beyond_the_budget_is_folded_into_a_rolling_summary(stack)
     assert texts[-1] == last and len(texts) > 2
     assert not any(old in t for old in said[:covered] for t in [system, *texts]), "summarised turns stay out"
     assert texts[:-1] == said[len(said) - len(texts) + 1:], "the newest turns, in order"
+
+
+async def test_a_summary_made_while_another_writer_stores_reads_the_session_from_its_start(stack, monkeypatch):
+    """The newest-n read is checked against the session's count: another writer storing in between shifts what
+    the newest n are, and the summarizer then reads the session by position from its start."""
+    user, off, session = uid(), pb.ChatOptions(disable_recall=True), ""
+
+    async def another_writer(call: int) -> None:
+        await stack.memory.AppendMessages(mpb.AppendMessagesRequest(
+            user_id=user, conversation_id=session,
+            messages=[mpb.NewMessage(role=mpb.ROLE_USER, content="Written by another client.")]))
+
+    reads = watch_summary_reads(monkeypatch, another_writer)
+    said, asked = [], []
+    for turn in range(12):
+        message = f"Fact number {turn + 1} about my life: I have visited {turn + 3} cities and read {turn * 7} books."
+        stack.model.play(say(f"Noted fact {turn + 1}."), say("Ana has facts.", prompt_tokens=300, completion_tokens=30))
+        r = await stack.chat.Chat(pb.ChatRequest(user_id=user, session_id=session, message=message, options=off))
+        session = r.session_id
+        said += [message, r.response]
+        asked = summary_requests(stack.model)
+        if asked:
+            break
+    assert asked, "the history outgrew the budget"
+    assert len(reads["last"]) == 1 and reads["pages"], "the newest-n read was stale: read from the start"
+    conversation = (await stack.memory.GetConversation(mpb.GetConversationRequest(
+        user_id=user, conversation_id=session))).conversation
+    covered = int(conversation.metadata["parley_summarized_messages"])
+    folded = asked[0].messages[1].content
+    assert [m for m in said if m in folded] == said[:covered] and "Written by another client." not in folded
 
 
 async def test_a_session_window_is_reused_until_another_writer_stores_in_the_session(stack):
