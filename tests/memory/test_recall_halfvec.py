@@ -4,11 +4,13 @@ fills in and takes away the half-precision copies of stored messages."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import numpy as np
 import pytest
 from sqlalchemy import text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -55,7 +57,8 @@ async def test_exact_recall_orders_and_scores_by_the_float4_vectors(store):
         cos = 0.9 - 1e-5 * order[i]  # similarities 0.9 - k * 1e-5, in random order
         vectors.append(cos * query + np.sqrt(1 - cos**2) * other)
     vectors = np.array(vectors, dtype=np.float32)
-    ids = await _messages(store, "halfvec-user", [f"near twin {i}" for i in range(40)])
+    user = f"halfvec-{uuid.uuid4().hex[:8]}"
+    ids = await _messages(store, user, [f"near twin {i}" for i in range(40)])
     await store.set_embeddings(ids, vectors)
 
     exact = vectors @ query
@@ -63,15 +66,15 @@ async def test_exact_recall_orders_and_scores_by_the_float4_vectors(store):
     half = vectors.astype(np.float16).astype(np.float32) @ query.astype(np.float16).astype(np.float32)
     assert list(np.argsort(-half)[:10]) != list(top), "the test data must be reordered by float16 rounding"
 
-    hits = await store.recall(_query("halfvec-user", query, 10))
+    hits = await store.recall(_query(user, query, 10))
     assert [m.id for m, _ in hits] == [ids[i] for i in top]
-    assert np.allclose([score for _, score in hits], exact[top], atol=1e-6)
+    assert np.allclose([score for _, score in hits], exact[top], rtol=0, atol=1e-6), "scores of the float4 query"
 
 
 async def test_message_rows_keep_both_vectors_in_line(store):
     """A row with two vectors passes the default 2 KB TOAST threshold; only a long content leaves the row."""
     long = " ".join(f"{uuid.uuid4()}" for _ in range(200))  # ~7 KB that barely compresses
-    ids = await _messages(store, "inline-user", ["a short message", long])
+    ids = await _messages(store, f"inline-{uuid.uuid4().hex[:8]}", ["a short message", long])
     await store.set_embeddings(ids, np.full((2, DIM), 1 / np.sqrt(DIM), dtype=np.float32))
     async with store.engine.connect() as conn:
         rows = (await conn.execute(text(
@@ -129,3 +132,28 @@ async def test_0005_fills_in_and_takes_away_the_half_precision_copies(database_u
         async with admin.connect() as conn:
             await conn.execute(text("DROP DATABASE IF EXISTS halfvec_migration WITH (FORCE)"))
         await admin.dispose()
+
+
+async def test_the_query_vector_is_a_parameter_of_its_own_type_in_a_generic_plan(store):
+    """A statement prepared and run often gets a generic plan. There the query vector must be a parameter typed
+    vector (halfvec), parsed once per execution, not an expression over a parameter (a float4[] cast to vector):
+    that expression was computed for every row scanned, 19 ms instead of 3 for 5,000 rows."""
+    exact, approximate, params = store.recall_statements(_query("any-user", np.full(DIM, 0.05, np.float32), 10))
+
+    def literal(value) -> str:
+        if isinstance(value, list):
+            return "'{" + ",".join(str(v) for v in value) + "}'"
+        return f"'{value}'" if isinstance(value, str) else str(value)
+
+    for name, statement in (("exact", exact), ("approximate", approximate)):
+        compiled = statement.compile(dialect=postgresql.asyncpg.dialect())
+        arguments = ", ".join(literal(params[p]) for p in compiled.positiontup)
+        async with store.engine.connect() as conn:
+            await conn.execute(text("SET plan_cache_mode = force_generic_plan"))
+            await conn.exec_driver_sql(f"PREPARE recall_{name} AS {compiled}")
+            plan = "\n".join((await conn.exec_driver_sql(
+                f"EXPLAIN (VERBOSE) EXECUTE recall_{name}({arguments})")).scalars())
+            await conn.exec_driver_sql(f"DEALLOCATE recall_{name}")
+            await conn.rollback()
+        distances = re.findall(r"<=> ([^)]*)\)", plan)
+        assert distances and all(re.fullmatch(r"\$\d+", d) for d in distances), (name, distances)
