@@ -322,9 +322,11 @@ class MemoryStore:
     def recall_statements(q: RecallQuery) -> tuple[TextClause, TextClause, dict[str, Any]]:
         """(exact, approximate, params): the two plans of `recall` over the same filters."""
         where = ["user_id = :user_id", "role = ANY(CAST(:roles AS smallint[]))"]
+        vector = vector_literal(q.vector)
         params: dict[str, Any] = {
             "user_id": q.user_id,
-            "q": vector_literal(q.vector),
+            "q": vector,
+            "qh": vector,  # the same vector, as the halfvec parameter (see _QUERY_HALFVEC)
             "roles": [int(r) for r in q.roles],
             "limit": q.top_k,
             # The approximate plan takes this many neighbours from the index and keeps the exact best top_k:
@@ -333,7 +335,6 @@ class MemoryStore:
             # The exact plan ranks by the half-precision copies, then re-ranks this many by the float4 vectors.
             "shortlist": max(q.top_k * EXACT_SHORTLIST, q.top_k + 20),
         }
-        params["qh"] = params["q"]
         if q.conversation_ids:
             where.append("conversation_id = ANY(CAST(:cids AS uuid[]))")
             params["cids"] = q.conversation_ids
