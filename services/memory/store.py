@@ -380,9 +380,9 @@ class MemoryStore:
     async def recall(self, q: RecallQuery, owned: int | None = None) -> list[tuple[Message, float]]:
         """The user's best matches; `owned`: their message count if the caller has it (`owned_messages`)."""
         exact, approximate, params = self.recall_statements(q)
+        if owned is None:
+            owned = await self.owned_messages(q.user_id)
         async with self._autocommit() as conn:
-            if owned is None:
-                owned = (await conn.execute(_OWNED, {"user_id": q.user_id})).scalar_one()
             rows = (await conn.execute(exact if owned <= self.exact_recall_max_messages else approximate,
                                        params)).all()
         # The approximate plan's candidates come in relaxed order: rank them exactly and keep top_k.
