@@ -255,7 +255,14 @@ async def bench_recall(store: MemoryStore, db: Database, vectors: np.ndarray, ow
         # 10th neighbour (within 1e-4; the corpus has many near-duplicate sentences)
         kth = float(np.min(vectors[exact] @ qvecs[i]))
         recalls.append(sum(1 for _, s in hits if s >= kth - 1e-4) / max(1, len(exact)))
-    return {"latency": latencies, "recall": float(np.mean(recalls))}
+    exact_plan, approximate_plan, params = store.recall_statements(q)
+    owned = await store.owned_messages(q.user_id)
+    statement = exact_plan if owned <= store.exact_recall_max_messages else approximate_plan
+    async with db.engine.connect() as conn:  # what the planner chose for the last query: the label is checked
+        plan = [r[0] for r in (await conn.execute(text("EXPLAIN " + statement.text), params)).all()]
+    scans = sorted({line.strip().split("  (")[0].lstrip("-> ") for line in plan if " Scan " in line or
+                    line.strip().startswith(("Seq Scan", "Index"))})
+    return {"latency": latencies, "recall": float(np.mean(recalls)), "plan": "; ".join(scans)}
 
 
 async def bench_rpc_recall_and_history(stub, users: int, queries: int) -> dict[str, list[float]]:
@@ -409,11 +416,13 @@ async def main(args: argparse.Namespace) -> None:
                 hnsw = await bench_recall(store, db, vectors, loaded["owner"], args.users, args.queries, embedder)
                 print(f"  HNSW path (m=16, ef_construction=64, ef_search={HNSW_EF_SEARCH}, iterative_scan="
                       f"relaxed_order): {summary_ms(hnsw['latency'])}; recall@10 vs exact {hnsw['recall']:.3f}")
+                print(f"    plan: {hnsw['plan']}")
                 store.exact_recall_max_messages = Settings(_env_file=None).memory.exact_recall_max_messages
                 rec = await bench_recall(store, db, vectors, loaded["owner"], args.users, args.queries, embedder)
                 path = "exact scan of the user's rows" if per_user <= store.exact_recall_max_messages else "HNSW"
                 print(f"  default path ({per_user} messages per user -> {path}): {summary_ms(rec['latency'])}; "
                       f"recall@10 vs exact {rec['recall']:.3f} (goals: p95 <= 15 ms, recall@10 >= 0.95)")
+                print(f"    plan: {rec['plan']}")
                 rpc = await bench_rpc_recall_and_history(stub, args.users, args.queries)
                 print(f"  Recall RPC (embeds each query too: {args.queries} distinct texts): {summary_ms(rpc['recall_rpc'])}")
                 print(f"== history fetch (ListMessages, token budget 1536, 200-message conversation): "

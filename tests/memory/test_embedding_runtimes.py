@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,34 @@ async def test_the_export_is_cached_and_reused(runtimes):
                                 precision="fp32")
     assert again.backend == "onnx"
     assert list(cache.glob("*.onnx")) == exported and exported[0].stat().st_mtime_ns == mtime, "not exported again"
+
+
+async def test_another_install_of_the_same_model_reuses_the_export(runtimes, tmp_path):
+    """A fresh install (another folder, new file times) of the same files is the same model: no second export."""
+    _, _, cache = runtimes
+    exported = list(cache.glob("*.onnx"))
+    elsewhere = tmp_path / "site-packages" / "model"
+    shutil.copytree(packaged_embedding_model_path(), elsewhere, copy_function=shutil.copy)  # new mtimes
+    assert (elsewhere / "config.json").stat().st_mtime_ns != \
+        (Path(packaged_embedding_model_path()) / "config.json").stat().st_mtime_ns
+    other = await Embedder.load(str(elsewhere), batch_size=8, max_wait_ms=1, backend="onnx", onnx_cache_dir=cache,
+                                precision="fp32")
+    assert other.backend == "onnx"
+    assert list(cache.glob("*.onnx")) == exported, "the same content must map to the same export"
+
+
+def test_the_export_key_follows_the_content(tmp_path):
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "weights.bin").write_bytes(b"\x01" * 1000)
+    (model / "sub" / "config.json").write_text('{"a": 1}')
+    key = encoders._fingerprint(str(model))
+    (model / "weights.bin").write_bytes(b"\x01" * 999 + b"\x02")  # same size, one byte changed
+    assert encoders._fingerprint(str(model)) != key
+    (model / "weights.bin").write_bytes(b"\x01" * 1000)
+    assert encoders._fingerprint(str(model)) == key
+    (model / "sub" / "config.json").rename(model / "config.json")  # same bytes under another name
+    assert encoders._fingerprint(str(model)) != key
 
 
 async def test_a_model_onnx_cannot_take_falls_back_to_torch(tmp_path):
