@@ -107,6 +107,34 @@ async def test_unexpected_exception_becomes_internal_without_details(start_stack
         await channel.close()
 
 
+async def test_the_startup_heap_is_frozen_while_the_app_runs(start_stack):
+    """What startup built is out of the cyclic GC's full collections while serving; what requests allocate is
+    not; and nothing stays exempt after the app stops."""
+    import gc
+    import weakref
+
+    assert gc.get_freeze_count() == 0
+    async with start_stack(["memory"]) as app:
+        frozen = gc.get_freeze_count()
+        assert frozen > 100_000, "the modules, model and engines built at startup"
+        channel = make_channel(app.address)
+        stub = memory_pb2_grpc.MemoryServiceStub(channel)
+        assert (await stub.CreateConversation(mpb.CreateConversationRequest(user_id="u"))).conversation
+
+        class Node:
+            pass
+
+        cycle = Node()
+        cycle.self = cycle  # garbage only the cyclic collector can free
+        gone = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert gone() is None, "objects allocated after startup are still collected"
+        assert 0.9 * frozen < gc.get_freeze_count() <= frozen  # still exempt (reference counting may free some)
+        await channel.close()
+    assert gc.get_freeze_count() == 0
+
+
 def test_page_tokens_are_bound_to_their_request():
     token = v.encode_page_token([42], {"rpc": "X", "user_id": "a"})
     assert v.decode_page_token(token, {"rpc": "X", "user_id": "a"}) == [42]

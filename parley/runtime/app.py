@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -123,6 +124,26 @@ async def migrated_database(settings: Settings) -> AsyncIterator[Database]:
         yield database
 
 
+@contextmanager
+def frozen_startup_heap() -> Iterator[int]:
+    """Exempt what startup built (modules, models, engines: ~790k objects with every service in one process)
+    from the cyclic garbage collector's full collections, for as long as the app runs.
+
+    A full collection walks every tracked object while the event loop, and so every service of the process,
+    waits: ~290 ms over the startup heap here. With it frozen (`gc.freeze`), full collections walk only what
+    was allocated since. Reference counting still frees frozen objects; on exit they are unfrozen, so an app
+    started and stopped in a longer-lived process (the tests) leaves nothing exempt behind.
+    """
+    gc.collect()  # garbage of the startup is freed, not frozen
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    _log.info("startup_heap_frozen", objects=frozen)
+    try:
+        yield frozen
+    finally:
+        gc.unfreeze()
+
+
 def _builder(service: str) -> Callable[[ServiceContext], AbstractAsyncContextManager[ServiceBinding]]:
     return importlib.import_module(SERVICE_MODULES[service]).build
 
@@ -174,4 +195,5 @@ async def running(
             server.add(await stack.enter_async_context(_builder(name)(ctx)))
         await server.start()
         stack.push_async_callback(server.stop)  # runs first on exit: drain RPCs before tearing down
+        stack.enter_context(frozen_startup_heap())
         yield RunningApp(server.address, server.port, tuple(services), database_url, redis_url, server, metrics)
