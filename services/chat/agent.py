@@ -70,6 +70,9 @@ class AgentState:
     pending: list[PendingApproval] = field(default_factory=list)
     pending_calls: list[tuple[str, str, str]] = field(default_factory=list)  # (id, name, args) awaiting approval
     usage: Usage = field(default_factory=Usage)
+    # Whether the caller reads the answer as it is written (StreamChat). A unary caller gets the whole answer
+    # at the end, so each model call is then one unary Generate: no stream of deltas to relay (not saved).
+    stream: bool = True
 
     def to_json(self) -> str:
         return json.dumps({
@@ -244,15 +247,23 @@ class Agent:
     async def _generate(self, request: ipb.StreamGenerateRequest, state: AgentState):
         started = time.perf_counter()
         final = None
-        async for event in self.inference.stream(request):
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                state.text += event.delta.text
-                yield TextDelta(event.delta.text)
-            elif kind == "tool_call":
-                yield event.tool_call
-            elif kind == "final":
-                final = event.final.response
+        if not state.stream:
+            final = await self.inference.generate(request)
+            if final.message.content:
+                state.text += final.message.content
+                yield TextDelta(final.message.content)
+            for call in final.message.tool_calls:
+                yield call
+        else:
+            async for event in self.inference.stream(request):
+                kind = event.WhichOneof("event")
+                if kind == "delta":
+                    state.text += event.delta.text
+                    yield TextDelta(event.delta.text)
+                elif kind == "tool_call":
+                    yield event.tool_call
+                elif kind == "final":
+                    final = event.final.response
         if final is None:
             raise Unavailable(message="the inference service ended the stream without a final event")
         u = final.usage

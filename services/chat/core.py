@@ -179,7 +179,7 @@ class ChatCore:
         state = AgentState(
             messages=ctx.messages, question=req.message, model=req.options.model,
             max_tokens=req.options.max_tokens, temperature=req.options.temperature,
-            use_tools=not req.options.disable_tools,
+            use_tools=not req.options.disable_tools, stream=req.stream,
         )
         agent_started = time.perf_counter()
         async for event in self.agent.run(state, req.user_id, ctx.warnings):
@@ -192,7 +192,7 @@ class ChatCore:
         yield TurnFinished(result)
 
     async def resolve_approval(self, principal: Principal, user_id: str, approval_id: str,
-                               approve: bool) -> AsyncIterator[TurnEvent]:
+                               approve: bool, stream: bool = True) -> AsyncIterator[TurnEvent]:
         started = time.perf_counter()
         self.authorize(principal, user_id)
         aid = v.uuid_id(approval_id, "approval_id")
@@ -200,6 +200,7 @@ class ChatCore:
         if paused is None:
             raise NotFound(message=f"approval {approval_id} not found (unknown, expired or already resolved)")
         state = AgentState.from_json(paused.state_json)
+        state.stream = stream
         warnings: list[str] = []
         yield SessionStarted(paused.session_id)
         async for event in self.agent.resume(state, user_id, approve, warnings):

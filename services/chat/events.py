@@ -23,6 +23,7 @@ class TurnRequest:
     session_id: str = ""
     request_id: str = ""
     options: TurnOptions = field(default_factory=TurnOptions)
+    stream: bool = True  # the caller reads the answer as it is written (StreamChat); False: unary Chat
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from parley.chat.v1 import chat_pb2 as pb
 from parley.chat.v1 import chat_pb2_grpc
 from parley.memory.v1 import memory_pb2 as mpb
@@ -89,7 +91,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Chat(self, request, context):
         principal = await self.core.authenticate(context.invocation_metadata())
         final = None
-        async for event in self.core.run_turn(principal, turn_request(request)):
+        # Unary: the answer is read whole, so no model call needs to stream it (see AgentState.stream).
+        async for event in self.core.run_turn(principal, dataclasses.replace(turn_request(request), stream=False)):
             if isinstance(event, TurnFinished):
                 final = event.result
         return response_pb(final)
@@ -137,7 +140,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         principal = await self.core.authenticate(context.invocation_metadata())
         final = None
         async for event in self.core.resolve_approval(
-            principal, request.user_id, request.approval_id, request.decision == pb.DECISION_APPROVE
+            principal, request.user_id, request.approval_id, request.decision == pb.DECISION_APPROVE, stream=False
         ):
             if isinstance(event, TurnFinished):
                 final = event.result

@@ -149,6 +149,43 @@ async def test_one_tool_call_runs_and_its_result_goes_back_to_the_model(stack):
     assert float(sum(r.cost_usd for r in rows)) == pytest.approx(u.cost_usd)
 
 
+async def test_a_unary_turn_makes_unary_model_calls_and_a_streamed_turn_streams_them(stack):
+    """Chat reads the answer whole, so its model calls are unary Generate calls (nothing to relay piece by piece);
+    StreamChat's are StreamGenerate. Both give the same answer, tool results, usage and stored messages."""
+
+    def inference_calls(method: str) -> float:
+        return stack.metrics.registry.get_sample_value("parley_grpc_requests_total", {
+            "service": "parley.inference.v1.InferenceService", "method": method, "code": "OK"}) or 0.0
+
+    def script():
+        stack.model.play(call(("calculator", {"expression": "6 * 7"}), prompt_tokens=90, completion_tokens=9),
+                         say("Six times seven is 42.", prompt_tokens=140, completion_tokens=7))
+
+    results = {}
+    for mode in ("unary", "stream"):
+        user, question = uid(), "What is six times seven?"
+        script()
+        before = {m: inference_calls(m) for m in ("Generate", "StreamGenerate")}
+        if mode == "unary":
+            final = await stack.chat.Chat(pb.ChatRequest(user_id=user, message=question))
+        else:
+            events = [e async for e in stack.chat.StreamChat(pb.StreamChatRequest(user_id=user, message=question))]
+            assert [e.WhichOneof("event") for e in events].count("delta") >= 2, "the answer arrives in pieces"
+            final = events[-1].final
+        made = {m: inference_calls(m) - before[m] for m in before}
+        assert made == ({"Generate": 2, "StreamGenerate": 0} if mode == "unary"
+                        else {"Generate": 0, "StreamGenerate": 2}), (mode, made)
+        assert stack.model.left == 0
+        kept = await stored(stack, user, final.session_id)
+        [record] = final.tool_calls
+        results[mode] = (final.response, record.name, json.loads(record.result_json), final.usage.model_calls,
+                         final.usage.prompt_tokens, final.usage.completion_tokens, final.context_size,
+                         roles(kept), kept[-1].content)
+    assert results["unary"] == results["stream"] == (
+        "Six times seven is 42.", "calculator", {"expression": "6 * 7", "result": 42}, 2, 230, 16, 90,
+        ["user", "assistant", "tool", "assistant"], "Six times seven is 42.")
+
+
 async def test_independent_calls_of_one_step_run_concurrently_and_all_results_go_back(stack):
     user = uid()
     stack.model.play(call(("slow_echo", {"text": "left"}), ("slow_echo", {"text": "right"}),
