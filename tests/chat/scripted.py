@@ -38,7 +38,7 @@ from services.inference.domain import (
     ToolCallEvent,
     ToolDef,
 )
-from services.inference.providers.base import BAD_REQUEST, Provider, ProviderError
+from services.inference.providers.base import BAD_REQUEST, SERVER, Provider, ProviderError
 from services.inference.routes import Route
 from services.tools.core import tool
 
@@ -72,10 +72,16 @@ class Reply:
     calls: list[tuple[str, dict | str]] = field(default_factory=list)
     prompt_tokens: int = 100
     completion_tokens: int = 10
+    fail: str = ""  # a ProviderError kind (e.g. SERVER): the provider fails instead of answering
 
 
 def say(text: str, **usage) -> Reply:
     return Reply(text=text, **usage)
+
+
+def fail(kind: str = SERVER) -> Reply:
+    """The provider fails (a 5xx by default), as a real one may."""
+    return Reply(fail=kind)
 
 
 def call(*calls: tuple[str, dict | str], **usage) -> Reply:
@@ -108,6 +114,8 @@ class ScriptedProvider(Provider):
         if not self.script:
             raise ProviderError(BAD_REQUEST, f"the script has no reply left for request #{len(self.requests)}")
         reply = self.script.popleft()
+        if reply.fail:
+            raise ProviderError(reply.fail, "scripted failure", status=503 if reply.fail == SERVER else None)
         words = reply.text.split(" ")
         for i, word in enumerate(words if reply.text else []):
             yield TextDelta(word if i == len(words) - 1 else word + " ")

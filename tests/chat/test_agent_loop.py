@@ -34,7 +34,7 @@ from services.inference.domain import Role, ToolChoice
 from services.inference.routes import RouteError, load_routes
 from services.inference.telemetry import InferenceMetrics
 from tests.chat.conftest import ALL
-from tests.chat.scripted import NOTES, PROVIDERS, ScriptedProvider, call, install_plugins, say
+from tests.chat.scripted import NOTES, PROVIDERS, ScriptedProvider, call, fail, install_plugins, say
 
 MODEL = "scripted-model"
 MAX_STEPS = 3
@@ -63,7 +63,9 @@ def plugins(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 async def stack(start_stack, plugins, database_url):
-    inference = {"local_enabled": False, "default_model": MODEL, "routes": [ROUTE]}
+    # No cooldown and short retry delays: a test that makes the model fail leaves nothing behind for the next one.
+    inference = {"local_enabled": False, "default_model": MODEL, "routes": [ROUTE], "cooldown_s": 0,
+                 "retry_initial_backoff_s": 0.01}
     chat = {"max_agent_steps": MAX_STEPS, "history_token_budget": HISTORY_BUDGET, "summary_batch": SUMMARY_BATCH}
     async with start_stack(ALL, inference=inference, chat=chat) as app:
         channel = make_channel(app.address)
@@ -539,3 +541,27 @@ async def test_each_part_of_a_paused_turn_reports_its_own_tool_calls(stack):
     assert [t.name for t in done.tool_calls] == ["post_note"] and NOTES == ["42"]
     rows = await usage_rows(stack, user)
     assert [r.tool_called for r in rows] == ["calculator", "calculator", "post_note"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_model_call_that_every_provider_failed_is_not_retried_by_the_chat_service(stack, streamed):
+    """The inference service retries a failing provider itself (max_retries, then the fallbacks). Its UNAVAILABLE
+    "no provider could serve" is final: the chat service's channel must not run the whole chain again (gRPC's
+    retry policy retries UNAVAILABLE for the other services' methods)."""
+    method = "StreamGenerate" if streamed else "Generate"
+
+    def attempts() -> float:
+        return stack.metrics.registry.get_sample_value("parley_grpc_requests_total", {
+            "service": "parley.inference.v1.InferenceService", "method": method, "code": "UNAVAILABLE"}) or 0.0
+
+    stack.model.play(*[fail() for _ in range(20)])
+    before = attempts()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if streamed:
+            [e async for e in stack.chat.StreamChat(pb.StreamChatRequest(user_id=uid(), message="Hello?"))]
+        else:
+            await stack.chat.Chat(pb.ChatRequest(user_id=uid(), message="Hello?"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no provider could serve" in info.value.details(), info.value.details()
+    assert attempts() - before == 1, "one call to the inference service"
+    assert len(stack.model.requests) == 1 + InferenceSettings().max_retries, "the provider was tried, and retried"
