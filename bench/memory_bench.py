@@ -255,13 +255,10 @@ async def bench_recall(store: MemoryStore, db: Database, vectors: np.ndarray, ow
         # 10th neighbour (within 1e-4; the corpus has many near-duplicate sentences)
         kth = float(np.min(vectors[exact] @ qvecs[i]))
         recalls.append(sum(1 for _, s in hits if s >= kth - 1e-4) / max(1, len(exact)))
-    exact_plan, approximate_plan, params = store.recall_statements(q)
-    owned = await store.owned_messages(q.user_id)
-    statement = exact_plan if owned <= store.exact_recall_max_messages else approximate_plan
+    statement, params = store.recall_statement(q, await store.owned_messages(q.user_id))
     async with db.engine.connect() as conn:  # what the planner chose for the last query: the label is checked
         plan = [r[0] for r in (await conn.execute(text("EXPLAIN " + statement.text), params)).all()]
-    scans = sorted({line.strip().split("  (")[0].lstrip("-> ") for line in plan if " Scan " in line or
-                    line.strip().startswith(("Seq Scan", "Index"))})
+    scans = sorted({line.strip().lstrip("-> ").split("  (")[0] for line in plan if " Scan " in line})
     return {"latency": latencies, "recall": float(np.mean(recalls)), "plan": "; ".join(scans)}
 
 

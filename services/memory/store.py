@@ -377,14 +377,19 @@ class MemoryStore:
         async with self._autocommit() as conn:
             return int((await conn.execute(_OWNED, {"user_id": user_id})).scalar_one())
 
+    def recall_statement(self, q: RecallQuery, owned: int) -> tuple[TextClause, dict[str, Any]]:
+        """The statement `recall` runs for a user with `owned` messages (exact up to `exact_recall_max_messages`,
+        else approximate), and its parameters."""
+        exact, approximate, params = self.recall_statements(q)
+        return (exact if owned <= self.exact_recall_max_messages else approximate), params
+
     async def recall(self, q: RecallQuery, owned: int | None = None) -> list[tuple[Message, float]]:
         """The user's best matches; `owned`: their message count if the caller has it (`owned_messages`)."""
-        exact, approximate, params = self.recall_statements(q)
         if owned is None:
             owned = await self.owned_messages(q.user_id)
+        statement, params = self.recall_statement(q, owned)
         async with self._autocommit() as conn:
-            rows = (await conn.execute(exact if owned <= self.exact_recall_max_messages else approximate,
-                                       params)).all()
+            rows = (await conn.execute(statement, params)).all()
         # The approximate plan's candidates come in relaxed order: rank them exactly and keep top_k.
         hits = [(_message(r), float(r.score)) for r in rows if r.score >= q.min_score]
         return sorted(hits, key=lambda hit: -hit[1])[:q.top_k]
