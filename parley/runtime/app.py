@@ -27,6 +27,7 @@ from parley.runtime.db import Database, migrate
 from parley.runtime.embedded import embedded_postgres, embedded_redis
 from parley.runtime.embeddings import Embedder
 from parley.runtime.errors import FailedPrecondition
+from parley.runtime.inprocess import LocalChannel
 from parley.runtime.interceptors import INTERNAL_TOKEN_KEY
 from parley.runtime.network import is_loopback
 from parley.runtime.logging import get_logger
@@ -51,6 +52,9 @@ class ServiceContext:
     redis_url: str | None
     peer_addresses: dict[str, str]
     _stack: AsyncExitStack
+    # co-hosted peers are called in process through this channel (None: over gRPC, like any other peer)
+    local_peers: frozenset[str] = frozenset()
+    local_channel: Callable[[], LocalChannel] | None = None
     _database: Database | None = None
     _redis: aioredis.Redis | None = None
     _clients: dict[str, Client] = field(default_factory=dict)
@@ -95,7 +99,9 @@ class ServiceContext:
         if key not in self._clients:
             token = self.settings.internal_token
             metadata = ((INTERNAL_TOKEN_KEY, token.get_secret_value()),) if token else ()
-            c = Client(peer, self.peer_addresses[peer], stub_cls, timeout_s or self.settings.rpc_timeout_s, metadata)
+            channel = self.local_channel() if self.local_channel and peer in self.local_peers else None
+            c = Client(peer, self.peer_addresses[peer], stub_cls, timeout_s or self.settings.rpc_timeout_s, metadata,
+                       channel)
             self._clients[key] = c
             self._stack.push_async_callback(c.close)
         return self._clients[key]
@@ -192,7 +198,8 @@ async def running(
         server = GrpcServer(settings.host, port, metrics, settings.shutdown_grace_s, token)
         peers = {name: settings.addr_of(name) for name in SERVICE_NAMES}
         peers.update({name: server.address for name in services})  # co-hosted peers: same server
-        ctx = ServiceContext(settings, metrics, database_url, redis_url, peers, stack)
+        ctx = ServiceContext(settings, metrics, database_url, redis_url, peers, stack, frozenset(services),
+                             server.local_channel if settings.inprocess_calls else None)
         for name in services:
             server.add(await stack.enter_async_context(_builder(name)(ctx)))
         await server.start()

@@ -19,22 +19,21 @@ from parley.runtime.interceptors import RequestIdClientInterceptor
 
 StubT = TypeVar("StubT")
 
+# Transient UNAVAILABLE is retried, unless the server's `grpc-retry-pushback-ms` says not to (gRFC A6). The
+# in-process channel of co-hosted services (`inprocess.LocalChannel`) follows the same policy.
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
 _SERVICE_CONFIG = json.dumps(
     {
         # spread calls over every address a name resolves to (a headless Kubernetes Service)
         "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": [{}],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
+        "methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],
     }
 )
 
@@ -57,11 +56,11 @@ class Client(Generic[StubT]):
     """One service's stub with a default deadline and error mapping."""
 
     def __init__(self, peer: str, address: str, stub_cls: type[StubT], timeout_s: float,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), channel: Any = None) -> None:
         self.peer = peer
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = make_channel(address)
+        self.channel = channel or make_channel(address)  # given: an `inprocess.LocalChannel` to a co-hosted peer
         self.stub: StubT = stub_cls(self.channel)
         self._metadata = metadata
 

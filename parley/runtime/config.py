@@ -380,6 +380,10 @@ class Settings(BaseSettings):
         description="Shared secret Parley services present to each other (x-parley-internal metadata); required for "
         "memory/inference/tools to accept calls from non-loopback peers, and to listen on a non-loopback address.",
     )
+    inprocess_calls: bool = Field(
+        True, description="Services hosted by one process (`parley up`) call each other in process: the same "
+        "handlers, interceptors, deadlines and errors as over gRPC, without the network hop. false: over gRPC."
+    )
     rpc_timeout_s: float = Field(30.0, gt=0, description="Default deadline of service-to-service calls.")
     generate_timeout_s: float = Field(300.0, gt=0, description="Deadline of calls that run a model.")
     shutdown_grace_s: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on shutdown.")

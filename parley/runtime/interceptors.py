@@ -204,15 +204,20 @@ def _code_of(context: grpc.aio.ServicerContext, default: str) -> str:
     return str(code)
 
 
-def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+def with_request_id(metadata) -> grpc.aio.Metadata:
+    """An outgoing call's metadata, with the current request id added unless the caller set one."""
+    metadata = grpc.aio.Metadata(*(tuple(metadata) if metadata else ()))
     request_id = REQUEST_ID.get()
-    if not request_id:
-        return details
-    metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
-    if REQUEST_ID_KEY not in metadata:
+    if request_id and REQUEST_ID_KEY not in metadata:
         metadata.add(REQUEST_ID_KEY, request_id)
+    return metadata
+
+
+def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    if not REQUEST_ID.get():
+        return details
     return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        details.method, details.timeout, with_request_id(details.metadata), details.credentials, details.wait_for_ready
     )
 
 

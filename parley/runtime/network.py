@@ -19,8 +19,9 @@ def is_loopback(host: str) -> bool:
 
 
 def peer_is_local(peer: str) -> bool:
-    """Whether a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:...`) is on this machine."""
-    if peer.startswith("unix:"):
+    """Whether a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:...`, an in-process
+    caller's `inproc:`) is on this machine."""
+    if peer.startswith(("unix:", "inproc:")):
         return True
     if peer.startswith("ipv4:"):
         return is_loopback(peer[5:].rsplit(":", 1)[0])

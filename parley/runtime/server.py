@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from parley.runtime.clients import MAX_MESSAGE_BYTES
+from parley.runtime.inprocess import LocalChannel, LocalHandlers
 from parley.runtime.interceptors import InternalGuard, ObservabilityInterceptor
 from parley.runtime.logging import get_logger
 from parley.runtime.metrics import Metrics
@@ -33,8 +34,10 @@ class GrpcServer:
     def __init__(self, host: str, port: int, metrics: Metrics, grace_s: float, internal_token: str | None = None
                  ) -> None:
         self._internal = InternalGuard(frozenset(), internal_token)
+        interceptors = [ObservabilityInterceptor(metrics, self._internal)]
+        self._local = LocalHandlers(interceptors)  # the same handlers, for in-process calls of co-hosted services
         self._server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(metrics, self._internal)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -55,8 +58,13 @@ class GrpcServer:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
         return f"{host}:{self.port}"
 
+    def local_channel(self) -> LocalChannel:
+        """A channel to this server's services that calls their handlers in this process (`inprocess`)."""
+        return LocalChannel(self._local)
+
     def add(self, binding: ServiceBinding) -> None:
         binding.register(self._server)
+        binding.register(self._local)
         self._names.extend(binding.full_names)
         if binding.internal:
             self._internal.services = self._internal.services | set(binding.full_names)
@@ -75,4 +83,5 @@ class GrpcServer:
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self._grace_s)
+        self._local.open = False  # in-process calls made after this fail as UNAVAILABLE, as a stopped server's
         _log.info("stopped", address=self.address)
