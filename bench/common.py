@@ -122,6 +122,17 @@ def _cpu_ticks() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy so far, all processes (user, nice, system, irq, softirq; Linux
+    /proc/stat; 0 elsewhere)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 class StealMeter:
     """Share of the machine's CPU time the hypervisor gave to other guests (steal) since the meter was made.
 
