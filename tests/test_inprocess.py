@@ -31,6 +31,7 @@ from parley.runtime.interceptors import REQUEST_ID, REQUEST_ID_KEY, RETRY_PUSHBA
 from services.memory import store as store_module
 
 KINDS = ["grpc", "inprocess"]
+CREATE = store_module.MemoryStore.create_conversation
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +141,11 @@ async def test_the_handler_runs_in_a_context_of_its_own(memory, monkeypatch, kin
     """As on a server: the caller's ContextVars are not the handler's, except the request id, which travels."""
     marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")
     seen: dict[str, str | None] = {}
-    original = store_module.MemoryStore.create_conversation
 
     async def peek(self, *args, **kwargs):
         seen["marker"], seen["request_id"] = marker.get(), REQUEST_ID.get()
         marker.set("set by the handler")
-        return await original(self, *args, **kwargs)
+        return await CREATE(self, *args, **kwargs)
 
     monkeypatch.setattr(store_module.MemoryStore, "create_conversation", peek)
     marker.set("set by the caller")
@@ -158,7 +158,8 @@ async def test_the_handler_runs_in_a_context_of_its_own(memory, monkeypatch, kin
     assert marker.get() == "set by the caller", "nothing leaks back either"
 
 
-async def test_a_deadline_fails_the_call_and_cancels_the_handler(app, memory, monkeypatch, kind):
+def stall_create(monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """CreateConversation's handler hangs; (started, cancelled) say when it began and when it was cancelled."""
     started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def slow(self, *args, **kwargs):
@@ -170,6 +171,11 @@ async def test_a_deadline_fails_the_call_and_cancels_the_handler(app, memory, mo
             raise
 
     monkeypatch.setattr(store_module.MemoryStore, "create_conversation", slow)
+    return started, cancelled
+
+
+async def test_a_deadline_fails_the_call_and_cancels_the_handler(app, memory, monkeypatch, kind):
+    started, cancelled = stall_create(monkeypatch)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await memory.CreateConversation(mpb.CreateConversationRequest(user_id="slow"), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -178,56 +184,41 @@ async def test_a_deadline_fails_the_call_and_cancels_the_handler(app, memory, mo
 
 
 async def test_a_caller_that_goes_away_cancels_the_handler(memory, monkeypatch):
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def slow(self, *args, **kwargs):
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    monkeypatch.setattr(store_module.MemoryStore, "create_conversation", slow)
+    started, cancelled = stall_create(monkeypatch)
     caller = asyncio.ensure_future(memory.CreateConversation(mpb.CreateConversationRequest(user_id="gone")))
     await asyncio.wait_for(started.wait(), 5)
     caller.cancel()
     await asyncio.wait_for(cancelled.wait(), 5)
 
 
+def script_create(monkeypatch, *failures: BaseException) -> list[int]:
+    """CreateConversation's store call raises each of `failures` in turn, then runs; returns its attempts."""
+    attempts: list[int] = []
+
+    async def scripted(self, *args, **kwargs):
+        attempts.append(1)
+        if len(attempts) <= len(failures):
+            raise failures[len(attempts) - 1]
+        return await CREATE(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.MemoryStore, "create_conversation", scripted)
+    return attempts
+
+
 async def test_the_retry_policy_retries_a_lost_backend_but_not_a_final_unavailable(memory, monkeypatch):
     """UNAVAILABLE from infrastructure (a connection lost) is retried; the UNAVAILABLE a service raises after its
     own retries carries a negative pushback and is not."""
-    attempts = []
-    original = store_module.MemoryStore.create_conversation
-
-    async def flaky(self, *args, **kwargs):
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise ConnectionResetError("the backend went away")
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(store_module.MemoryStore, "create_conversation", flaky)
+    attempts = script_create(monkeypatch, ConnectionResetError("the backend went away"))
     created = await memory.CreateConversation(mpb.CreateConversationRequest(user_id="flaky"))
     assert created.conversation.conversation_id and len(attempts) == 2
 
-    async def final(self, *args, **kwargs):
-        attempts.append(1)
-        raise Unavailable("no replica could serve")
-
-    attempts.clear()
-    monkeypatch.setattr(store_module.MemoryStore, "create_conversation", final)
+    attempts = script_create(monkeypatch, Unavailable("no replica could serve"))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await memory.CreateConversation(mpb.CreateConversationRequest(user_id="final"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and len(attempts) == 1
     assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_KEY] == "-1"
 
-    async def down(self, *args, **kwargs):
-        attempts.append(1)
-        raise ConnectionResetError("the backend stays away")
-
-    attempts.clear()
-    monkeypatch.setattr(store_module.MemoryStore, "create_conversation", down)
+    attempts = script_create(monkeypatch, *[ConnectionResetError("the backend stays away")] * 10)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await memory.CreateConversation(mpb.CreateConversationRequest(user_id="down"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -290,10 +290,11 @@ class _Method:
         return data, md, deadline
 
 
-class _Status:
-    """What a finished call reports besides its responses, as `grpc.aio.Call` does (valid once it finished)."""
+class _Call:
+    """One call; what it reports besides its responses, as `grpc.aio.Call` does (valid once it finished)."""
 
-    def __init__(self) -> None:
+    def __init__(self, method, request, timeout: float | None, metadata) -> None:
+        self._method, self._request, self._timeout, self._metadata = method, request, timeout, metadata
         self._code, self._details = grpc.StatusCode.OK, ""
         self._trailers = grpc.aio.Metadata()
 
@@ -321,12 +322,8 @@ class _UnaryUnary(_Method):
         return _UnaryCall(self, request, timeout, metadata)
 
 
-class _UnaryCall(_Status):
+class _UnaryCall(_Call):
     """One unary call: await it for the response."""
-
-    def __init__(self, method: _UnaryUnary, request, timeout: float | None, metadata) -> None:
-        super().__init__()
-        self._method, self._request, self._timeout, self._metadata = method, request, timeout, metadata
 
     def __await__(self):
         return self._call().__await__()
@@ -379,12 +376,11 @@ class _UnaryStream(_Method):
         return _StreamCall(self, request, timeout, metadata)
 
 
-class _StreamCall(_Status):
+class _StreamCall(_Call):
     """One server-streaming call: iterate it for the responses; `cancel()` stops the handler."""
 
     def __init__(self, method: _UnaryStream, request, timeout: float | None, metadata) -> None:
-        super().__init__()
-        self._method, self._request, self._timeout, self._metadata = method, request, timeout, metadata
+        super().__init__(method, request, timeout, metadata)
         self._task: asyncio.Task | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
 
