@@ -383,10 +383,14 @@ class _StreamCall(_Call):
         super().__init__(method, request, timeout, metadata)
         self._task: asyncio.Task | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = False
 
     def cancel(self) -> bool:
         """Stop the call: the handler is cancelled, and a reader gets `asyncio.CancelledError` (as from gRPC)."""
-        if self._task is None or self._task.done():
+        if self._task is None:  # not started: it never will be
+            cancelled, self._cancelled = not self._cancelled, True
+            return cancelled
+        if self._task.done():
             return False
         self._task.cancel()
         while not self._queue.empty():  # what the handler sent ahead is dropped; the reader wakes up
@@ -394,11 +398,17 @@ class _StreamCall(_Call):
         self._queue.put_nowait(_CANCELLED)
         return True
 
+    def _locally_cancelled(self) -> asyncio.CancelledError:
+        self._ended(None, _rpc_error(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"))
+        return asyncio.CancelledError()
+
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses()
 
     async def _responses(self) -> AsyncIterator[Any]:
         method = self._method
+        if self._cancelled:
+            raise self._locally_cancelled()
         try:
             data, md, deadline = method._start(self._request, self._timeout, self._metadata)
             retrying, received = _Retrying(deadline), False
@@ -417,8 +427,7 @@ class _StreamCall(_Call):
                             self._ended(context)
                             return
                         if item is _CANCELLED:
-                            self._ended(None, _rpc_error(grpc.StatusCode.CANCELLED, "Locally cancelled by application!"))
-                            raise asyncio.CancelledError()
+                            raise self._locally_cancelled()
                         if isinstance(item, grpc.aio.AioRpcError):
                             raise item
                         received = True
