@@ -106,6 +106,16 @@ async def test_a_call_is_answered_counted_and_carries_the_request_id(app, memory
     assert got.conversation == created.conversation
 
 
+async def test_a_call_runs_once_however_often_it_is_awaited(app, memory, kind):
+    before = requests_counted(app, "CreateConversation", "OK")
+    call = memory.CreateConversation(mpb.CreateConversationRequest(user_id=f"twice-{kind}"))
+    first, second = await call, await call
+    assert first == second
+    await eventually(lambda: requests_counted(app, "CreateConversation", "OK") == before + 1)
+    listed = await memory.ListConversations(mpb.ListConversationsRequest(user_id=f"twice-{kind}"))
+    assert len(listed.conversations) == 1
+
+
 async def test_errors_keep_their_code_message_and_status_details(app, memory, kind):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await memory.GetConversation(mpb.GetConversationRequest(user_id="x", conversation_id="not-a-uuid"))

@@ -323,10 +323,20 @@ class _UnaryUnary(_Method):
 
 
 class _UnaryCall(_Call):
-    """One unary call: await it for the response."""
+    """One unary call: it starts when made (as gRPC's); await it, as often as you like, for the response."""
+
+    def __init__(self, method: _UnaryUnary, request, timeout: float | None, metadata) -> None:
+        super().__init__(method, request, timeout, metadata)
+        self._task = asyncio.ensure_future(self._call())
 
     def __await__(self):
-        return self._call().__await__()
+        return self._task.__await__()
+
+    def cancel(self) -> bool:
+        return self._task.cancel()
+
+    def done(self) -> bool:
+        return self._task.done()
 
     async def _call(self):
         method = self._method
