@@ -252,10 +252,10 @@ class LocalChannel:
         self._handlers = handlers
 
     def unary_unary(self, method: str, request_serializer=None, response_deserializer=None, **_kw):
-        return _UnaryUnary(self._handlers, method, request_serializer, response_deserializer)
+        return _Method(_UnaryCall, self._handlers, method, request_serializer, response_deserializer)
 
     def unary_stream(self, method: str, request_serializer=None, response_deserializer=None, **_kw):
-        return _UnaryStream(self._handlers, method, request_serializer, response_deserializer)
+        return _Method(_StreamCall, self._handlers, method, request_serializer, response_deserializer)
 
     def stream_unary(self, method: str, *args, **kwargs):
         raise NotImplementedError("in-process calls have no client streaming (no Parley RPC uses it)")
@@ -274,10 +274,15 @@ class LocalChannel:
 
 
 class _Method:
-    def __init__(self, handlers: LocalHandlers, method: str, serialize, deserialize) -> None:
-        self._handlers, self._method = handlers, method
+    """One method of a co-hosted service (a gRPC multi-callable): calling it makes a `call_cls` call."""
+
+    def __init__(self, call_cls: type[_Call], handlers: LocalHandlers, method: str, serialize, deserialize) -> None:
+        self._call_cls, self._handlers, self._method = call_cls, handlers, method
         self._serialize = serialize or (lambda m: m)
         self._deserialize = deserialize or (lambda b: b)
+
+    def __call__(self, request, *, timeout: float | None = None, metadata=None, **_kw) -> _Call:
+        return self._call_cls(self, request, timeout, metadata)
 
     def _start(self, request, timeout: float | None, metadata) -> tuple[bytes, tuple, float | None]:
         if not self._handlers.open:
@@ -293,7 +298,7 @@ class _Method:
 class _Call:
     """One call; what it reports besides its responses, as `grpc.aio.Call` does (valid once it finished)."""
 
-    def __init__(self, method, request, timeout: float | None, metadata) -> None:
+    def __init__(self, method: _Method, request, timeout: float | None, metadata) -> None:
         self._method, self._request, self._timeout, self._metadata = method, request, timeout, metadata
         self._code, self._details = grpc.StatusCode.OK, ""
         self._trailers = grpc.aio.Metadata()
@@ -317,15 +322,10 @@ class _Call:
         return self._trailers
 
 
-class _UnaryUnary(_Method):
-    def __call__(self, request, *, timeout: float | None = None, metadata=None, **_kw) -> _UnaryCall:
-        return _UnaryCall(self, request, timeout, metadata)
-
-
 class _UnaryCall(_Call):
     """One unary call: it starts when made (as gRPC's); await it, as often as you like, for the response."""
 
-    def __init__(self, method: _UnaryUnary, request, timeout: float | None, metadata) -> None:
+    def __init__(self, method: _Method, request, timeout: float | None, metadata) -> None:
         super().__init__(method, request, timeout, metadata)
         self._task = asyncio.ensure_future(self._call())
 
@@ -381,15 +381,10 @@ class _UnaryCall(_Call):
         return response
 
 
-class _UnaryStream(_Method):
-    def __call__(self, request, *, timeout: float | None = None, metadata=None, **_kw) -> _StreamCall:
-        return _StreamCall(self, request, timeout, metadata)
-
-
 class _StreamCall(_Call):
     """One server-streaming call: iterate it for the responses; `cancel()` stops the handler."""
 
-    def __init__(self, method: _UnaryStream, request, timeout: float | None, metadata) -> None:
+    def __init__(self, method: _Method, request, timeout: float | None, metadata) -> None:
         super().__init__(method, request, timeout, metadata)
         self._task: asyncio.Task | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
