@@ -7,7 +7,7 @@ what a caller relies on from gRPC:
 
 - the request and the response are serialized and parsed again (the callee gets its own copy, and messages
   above `MAX_MESSAGE_BYTES` fail with RESOURCE_EXHAUSTED, as on the wire);
-- metadata reaches `invocation_metadata()`, with the caller's request id (`_with_request_id`);
+- metadata reaches `invocation_metadata()`, with the caller's request id (`interceptors.with_request_id`);
 - the handler runs in a task of its own with a fresh `contextvars.Context`, as on a server: nothing bound in
   the caller's context (log fields, the request id ContextVar) leaks into the callee's, or back;
 - a deadline cancels the handler and fails with DEADLINE_EXCEEDED; a caller that goes away cancels it;
@@ -48,9 +48,16 @@ class LocalHandlers:
     `add_XServicer_to_server`, beside the real gRPC server, and wraps a call in the server's interceptors."""
 
     def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor]) -> None:
-        self._interceptors = tuple(interceptors)
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
         self.open = True
+
+        async def innermost(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            return self._methods.get(details.method)
+
+        continuation: Callable = innermost  # the server's interceptors around it, the first outermost
+        for interceptor in reversed(interceptors):
+            continuation = _chain(interceptor, continuation)
+        self._continuation = continuation
 
     # the two methods generated code calls on a server
     def add_generic_rpc_handlers(self, handlers) -> None:  # the registered ones below cover the same methods
@@ -65,17 +72,7 @@ class LocalHandlers:
 
     async def handler(self, method: str, metadata: tuple[tuple[str, Any], ...]) -> grpc.RpcMethodHandler | None:
         """The handler for one call, through every interceptor (as the server builds it per call)."""
-        base = self._methods.get(method)
-        if base is None:
-            return None
-
-        async def innermost(_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            return base
-
-        continuation: Callable = innermost
-        for interceptor in reversed(self._interceptors):
-            continuation = _chain(interceptor, continuation)
-        return await continuation(_Details(method, metadata))
+        return await self._continuation(_Details(method, metadata))
 
 
 def _chain(interceptor: grpc.aio.ServerInterceptor, continuation: Callable) -> Callable:
@@ -290,7 +287,7 @@ class _Method:
         if not self._handlers.knows(self._method):
             raise _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {self._method}")
         data = _checked(self._serialize(request), "Sent")
-        md = tuple((k, v) for k, v in with_request_id(metadata))
+        md = tuple((k, v) for k, v in metadata)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         return data, md, deadline
 
@@ -299,7 +296,9 @@ class _Call:
     """One call; what it reports besides its responses, as `grpc.aio.Call` does (valid once it finished)."""
 
     def __init__(self, method: _Method, request, timeout: float | None, metadata) -> None:
-        self._method, self._request, self._timeout, self._metadata = method, request, timeout, metadata
+        # the metadata with the caller's request id, from the caller's context (the call may run in another)
+        self._method, self._request, self._timeout = method, request, timeout
+        self._metadata = with_request_id(metadata)
         self._code, self._details = grpc.StatusCode.OK, ""
         self._trailers = grpc.aio.Metadata()
 
@@ -323,14 +322,17 @@ class _Call:
 
 
 class _UnaryCall(_Call):
-    """One unary call: it starts when made (as gRPC's); await it, as often as you like, for the response."""
+    """One unary call: it starts when made (as gRPC's); await it, as often as you like, for the response.
+
+    The call is one task in a fresh context, as a server runs a handler (the caller's request id is in its
+    metadata, taken when the call was made)."""
 
     def __init__(self, method: _Method, request, timeout: float | None, metadata) -> None:
         super().__init__(method, request, timeout, metadata)
-        self._task = asyncio.ensure_future(self._call())
+        self._task = _spawn(self._call())
 
     def __await__(self):
-        return self._task.__await__()
+        return self._task.__await__()  # cancelling the caller cancels the call, and so the handler
 
     def cancel(self) -> bool:
         return self._task.cancel()
@@ -356,29 +358,24 @@ class _UnaryCall(_Call):
     async def _attempt(self, data: bytes, md: tuple, deadline: float | None) -> bytes:
         handler = await self._method._handlers.handler(self._method._method, md)
         context = LocalContext(md, deadline)
-
-        async def serve() -> bytes:
-            try:
-                response = await handler.unary_unary(handler.request_deserializer(data), context)
-            except asyncio.CancelledError:
-                context.finish(cancelled=True)
-                raise
-            except Exception as exc:  # noqa: BLE001 - it becomes the call's status, as on a server
-                context.finish()
-                raise _outcome(context, exc) from None
-            context.finish()
-            if context.code() not in (None, grpc.StatusCode.OK):
-                raise _outcome(context, None)
-            return _checked(handler.response_serializer(response), "Received")
-
-        task = _spawn(serve())
         try:
             async with asyncio.timeout_at(deadline):
-                response = await task  # cancelling the caller cancels the handler
+                response = await handler.unary_unary(handler.request_deserializer(data), context)
         except TimeoutError:
+            context.finish(cancelled=True)
             raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except asyncio.CancelledError:
+            context.finish(cancelled=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - it becomes the call's status, as on a server
+            context.finish()
+            raise _outcome(context, exc) from None
+        context.finish()
+        if context.code() not in (None, grpc.StatusCode.OK):
+            raise _outcome(context, None)
+        data = _checked(handler.response_serializer(response), "Received")
         self._ended(context)
-        return response
+        return data
 
 
 class _StreamCall(_Call):
