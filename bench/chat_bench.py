@@ -89,13 +89,6 @@ def stack_env(data_dir: str, chat_port: int, metrics_port: int, upstream_port: i
     }
 
 
-def own_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process, without its children (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def stack_cpu_seconds(upstream_pid: int) -> float:
     """CPU time the whole machine spent so far, less this process (the load) and the upstream model's: what
     `parley up`, its PostgreSQL and its Redis (daemons: not children of it) spent, and little else here."""
@@ -112,10 +105,10 @@ async def measure(args: argparse.Namespace, address: str, metrics_port: int, pid
     for level in args.concurrency:
         before = scrape(metrics_port)
         started, steal = time.perf_counter(), StealMeter()
-        own, stack = own_cpu_seconds(pid), stack_cpu_seconds(upstream_pid)
+        own, stack = cpu_seconds(pid, descendants=False), stack_cpu_seconds(upstream_pid)
         lat = await run_level(stub, level, args.turns, f"c{level}", args.think_ms)
         elapsed = time.perf_counter() - started
-        own_ms = (own_cpu_seconds(pid) - own) * 1000 / len(lat)
+        own_ms = (cpu_seconds(pid, descendants=False) - own) * 1000 / len(lat)
         stack_ms = (stack_cpu_seconds(upstream_pid) - stack) * 1000 / len(lat)
         after = scrape(metrics_port)
         rows.append((str(level), f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}", f"{len(lat) / elapsed:.0f}",

@@ -71,8 +71,8 @@ def process(argv: list[str], env: dict[str, str | None] | None = None, log: str 
             out.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its descendants (Linux /proc)."""
+def cpu_seconds(pid: int, descendants: bool = True) -> float:
+    """User + system CPU time of a process and (unless told not to) its descendants (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
     total, todo = 0.0, [pid]
     while todo:
@@ -80,8 +80,9 @@ def cpu_seconds(pid: int) -> float:
         try:
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
+            if descendants:
+                for task in Path(f"/proc/{current}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
@@ -113,21 +114,26 @@ def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180) -> 
         wait_until(serving, proc, f"SERVING from {address}", timeout)
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(steal, total) CPU ticks of the whole machine so far (Linux /proc/stat; zeros elsewhere)."""
+def _machine_ticks() -> list[int]:
+    """The machine's CPU ticks so far by kind: user, nice, system, idle, iowait, irq, softirq, steal, ... (Linux
+    /proc/stat; empty elsewhere)."""
     try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
-        return 0, 0
+        return []
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine so far (zeros where /proc/stat is missing)."""
+    fields = _machine_ticks()
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def machine_busy_seconds() -> float:
-    """CPU time the whole machine has spent busy so far, all processes (user, nice, system, irq, softirq; Linux
-    /proc/stat; 0 elsewhere)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
+    """CPU time the whole machine has spent busy so far, all processes (user, nice, system, irq, softirq; 0
+    where /proc/stat is missing)."""
+    fields = _machine_ticks()
+    if len(fields) < 7:
         return 0.0
     user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
