@@ -145,6 +145,11 @@ class MemorySettings(BaseModel):
         20_000, ge=0, description="Users with up to this many messages get exact recall (a scan of their rows); "
         "above it the HNSW index answers (approximate)."
     )
+    vector_write_delay_ms: float = Field(
+        50.0, ge=0, description="How long the vectors of an `async_embedding` append (what the chat service uses) "
+        "may wait to be written together with others. Keeps their UPDATE out of the turn that produced them; a "
+        "write a caller waits for goes out at once. 0: no wait."
+    )
 
 
 class ToolsSettings(BaseModel):

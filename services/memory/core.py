@@ -65,7 +65,7 @@ class MemoryCore:
         self.embedder = embedder
         self.settings = settings
         self._background: set[asyncio.Task] = set()
-        self._vectors = VectorWriter(store)
+        self._vectors = VectorWriter(store, settings.vector_write_delay_ms / 1000)
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -168,23 +168,25 @@ class MemoryCore:
         stored, conversation = appended
         todo = [m for m in stored if m.content.strip()]
         if wait_for_embedding:
-            await self._fill_embeddings(todo, embedding)
+            await self._fill_embeddings(todo, embedding, urgent=True)
         else:  # the turn is committed; its vectors follow (the backfill covers a crash in between)
-            task = asyncio.create_task(self._fill_embeddings(todo, embedding))
+            task = asyncio.create_task(self._fill_embeddings(todo, embedding, urgent=False))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return stored, conversation
 
     async def close(self) -> None:
         """Let embeddings in flight finish (briefly); whatever does not is left to the backfill."""
+        self._vectors.flush_now()
         if self._background:
             await asyncio.wait(self._background, timeout=5)
 
-    async def _fill_embeddings(self, todo: list[Message], embedding: asyncio.Future) -> None:
-        """Store the embeddings; on failure leave them to the backfill worker (the turn is already safe)."""
+    async def _fill_embeddings(self, todo: list[Message], embedding: asyncio.Future, urgent: bool) -> None:
+        """Store the embeddings; on failure leave them to the backfill worker (the turn is already safe).
+        `urgent`: the caller waits for them."""
         try:
             vectors = await embedding
-            await self._vectors.write([m.id for m in todo], vectors)
+            await self._vectors.write([m.id for m in todo], vectors, urgent=urgent)
         except Exception as exc:  # noqa: BLE001 - any failure here must not lose the stored turn
             _log.warning("embedding_deferred", messages=len(todo), error=str(exc))
             return
@@ -306,22 +308,43 @@ class VectorWriter:
 
     While one UPDATE runs, the vectors of other turns queue up and go out together in the next, so 32 concurrent
     writers cost a few statements, not 32 (the same micro-batching the embedder does for forward passes).
+
+    Vectors no caller waits for (`urgent=False`: an `async_embedding` append, whose turn goes on) wait up to
+    `delay_s` for others before their UPDATE. Preparing the statement takes the event loop ~0.3-0.7 ms, and
+    written at once it lands inside the turn that produced the vectors: a chat turn's message vector is ready when
+    its recall and document search are next in line, its answer's right when the turn's response is. A write
+    someone waits for goes out at once, with whatever is queued.
     """
 
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(self, store: MemoryStore, delay_s: float = 0.0) -> None:
         self._store = store
+        self._delay = delay_s
         self._queued: list[tuple[list[uuid.UUID], np.ndarray, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._now = asyncio.Event()  # set: the next UPDATE goes out without waiting (one per flusher task)
 
-    async def write(self, ids: list[uuid.UUID], vectors: np.ndarray) -> None:
+    async def write(self, ids: list[uuid.UUID], vectors: np.ndarray, urgent: bool = True) -> None:
         done = asyncio.get_running_loop().create_future()
         self._queued.append((ids, vectors, done))
         if self._flusher is None or self._flusher.done():
+            self._now = asyncio.Event()
             self._flusher = asyncio.create_task(self._flush(), name="vector-writer")
+        if urgent:
+            self._now.set()
         await asyncio.shield(done)
+
+    def flush_now(self) -> None:
+        """Write what is queued without waiting (shutdown)."""
+        self._now.set()
 
     async def _flush(self) -> None:
         while self._queued:
+            if self._delay and not self._now.is_set():
+                try:
+                    await asyncio.wait_for(self._now.wait(), self._delay)
+                except TimeoutError:
+                    pass
+            self._now.clear()
             batch, self._queued = self._queued, []
             try:
                 await self._store.set_embeddings([i for ids, _, _ in batch for i in ids],
