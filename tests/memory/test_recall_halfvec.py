@@ -8,25 +8,16 @@ import re
 import uuid
 
 import numpy as np
-import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from parley.runtime.db import Database, downgrade, migrate
+from parley.runtime.db import downgrade, migrate
 from services.memory.records import NewMessage, RecallQuery, Role
 from services.memory.store import MemoryStore, vector_literal
 
 DIM = 384
-
-
-@pytest.fixture(scope="module")
-async def store(database_url):
-    await migrate(database_url)
-    db = Database(database_url)
-    yield MemoryStore(db.engine)
-    await db.close()
 
 
 async def _messages(store: MemoryStore, user: str, contents: list[str]) -> list[uuid.UUID]:

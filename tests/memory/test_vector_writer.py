@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from parley.runtime.db import Database, migrate
 from services.memory.core import VectorWriter
 from services.memory.records import NewMessage, Role
 from services.memory.store import MemoryStore
@@ -26,14 +25,6 @@ class CountingStore:
     async def set_embeddings(self, ids, vectors) -> None:
         self.updates += 1
         await self.store.set_embeddings(ids, vectors)
-
-
-@pytest.fixture(scope="module")
-async def store(database_url):
-    await migrate(database_url)
-    db = Database(database_url)
-    yield MemoryStore(db.engine)
-    await db.close()
 
 
 async def _messages(store: MemoryStore, n: int) -> list[uuid.UUID]:
