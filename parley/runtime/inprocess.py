@@ -384,7 +384,7 @@ class _StreamCall(_Call):
     def __init__(self, method: _Method, request, timeout: float | None, metadata) -> None:
         super().__init__(method, request, timeout, metadata)
         self._task: asyncio.Task | None = None
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue | None = None  # the running attempt's (made with its task)
         self._cancelled = False
 
     def cancel(self) -> bool:
