@@ -4,6 +4,7 @@ session, settings pointing at them, and `start_stack` to run real gRPC servers o
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -75,3 +76,11 @@ def start_stack(make_settings) -> Callable[..., AbstractAsyncContextManager[Runn
             yield app
 
     return start
+
+
+async def eventually(predicate, timeout_s: float = 5.0) -> None:
+    """Wait until `predicate()` holds (e.g. a metric that gRPC records once the answer has gone out)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

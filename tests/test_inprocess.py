@@ -29,6 +29,7 @@ from parley.runtime.clients import MAX_MESSAGE_BYTES, RETRY_POLICY, make_channel
 from parley.runtime.errors import Unavailable
 from parley.runtime.interceptors import REQUEST_ID, REQUEST_ID_KEY, RETRY_PUSHBACK_KEY
 from services.memory import store as store_module
+from tests.conftest import eventually
 
 KINDS = ["grpc", "inprocess"]
 CREATE = store_module.MemoryStore.create_conversation
@@ -78,13 +79,6 @@ def inference(channels, kind) -> inference_pb2_grpc.InferenceServiceStub:
 def requests_counted(app, method: str, code: str, service: str = "parley.memory.v1.MemoryService") -> float:
     return app.metrics.registry.get_sample_value(
         "parley_grpc_requests_total", {"service": service, "method": method, "code": code}) or 0.0
-
-
-async def eventually(predicate, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_call_is_answered_counted_and_carries_the_request_id(app, memory, kind):

@@ -35,6 +35,7 @@ from services.inference.routes import RouteError, load_routes
 from services.inference.telemetry import InferenceMetrics
 from tests.chat.conftest import ALL
 from tests.chat.scripted import NOTES, PROVIDERS, ScriptedProvider, call, fail, install_plugins, say
+from tests.conftest import eventually
 
 MODEL = "scripted-model"
 MAX_STEPS = 3
@@ -463,11 +464,15 @@ async def test_recall_leaves_out_the_window_and_finds_what_slid_out_of_it_in_one
     assert calls == 1
     _, window, calls = await turn(first.session_id, filler)
     assert window == [cat, "Noted.", filler] and calls == 1
+    polled, counted = 0, recalls()
     for _ in range(100):  # the first message's vector is stored moments after its turn
         found = await stack.memory.Recall(mpb.RecallRequest(user_id=user, query=question, top_k=10))
+        polled += 1
         if any(h.message.content == cat for h in found.results):
             break
         await asyncio.sleep(0.05)
+    # gRPC counts a call once its answer has gone out: these polls must not be counted as the next turn's
+    await eventually(lambda: recalls() >= counted + polled)
     r, window, calls = await turn(first.session_id, question)
     assert window == ["Noted.", filler, "Noted.", question], "the question pushed the first message out"
     assert cat in [m.content for m in r.memory], list(r.memory)
