@@ -17,6 +17,7 @@ test: bootstrap
 bench: bootstrap
 	.venv/bin/pip install --quiet --find-links "$${PARLEY_WHEELHOUSE:-$$HOME/.cache/parley/wheels}" -e '.[dev,bench]'
 	.venv/bin/python -m bench.memory_bench
+	.venv/bin/python -m bench.recall_heavy
 	.venv/bin/python -m bench.chat_bench
 	.venv/bin/python -m bench.chat_bench --think-ms 2000
 	.venv/bin/python -m bench.inference.local_model

@@ -196,10 +196,10 @@ async def track_wal_flushes(db: Database) -> bool:
         return False
 
 
-async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, users: int) -> dict[str, list]:
-    """100k messages for a population of users, inserted in bulk; HNSW rebuilt with the migration's parameters."""
-    owner = [f"pop-{i % users}" for i in range(len(texts))]
-    conv_of = {f"pop-{u}": uuid.uuid4() for u in range(users)}
+async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, owner: list[str]) -> None:
+    """Messages (text `i` is `owner[i]`'s, one conversation per user), inserted in bulk; HNSW rebuilt with the
+    migration's parameters."""
+    conv_of = {user: uuid.uuid4() for user in sorted(set(owner))}
     async with db.engine.begin() as conn:
         await conn.execute(text("DROP INDEX IF EXISTS messages_embedding_hnsw"))
         await conn.execute(
@@ -228,7 +228,6 @@ async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, users: 
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")  # index-only scans rely on, and stats
         await conn.execute(text("VACUUM (ANALYZE) messages"))
     print(f"  HNSW index over {len(texts)} vectors built in {time.perf_counter() - started:.0f} s")
-    return {"owner": owner}
 
 
 async def bench_recall(store: MemoryStore, db: Database, vectors: np.ndarray, owner: list[str], users: int,
@@ -403,19 +402,20 @@ async def main(args: argparse.Namespace) -> None:
                 stub = memory_pb2_grpc.MemoryServiceStub(channel)
                 db = Database(url)
                 store = MemoryStore(db.engine, derived_engine=db.derived_engine)
-                embedder = await _shared_embedder(app)
+                embedder = await bench_embedder()
                 print(f"== recall at {args.messages} messages, {args.users} users")
                 texts = corpus(args.messages)
                 vectors = await embed_cached(embedder, texts, "messages")
-                loaded = await bulk_load(db, texts, vectors, args.users)
+                owner = [f"pop-{i % args.users}" for i in range(len(texts))]
+                await bulk_load(db, texts, vectors, owner)
                 per_user = args.messages // args.users
                 store.exact_recall_max_messages = 0
-                hnsw = await bench_recall(store, db, vectors, loaded["owner"], args.users, args.queries, embedder)
+                hnsw = await bench_recall(store, db, vectors, owner, args.users, args.queries, embedder)
                 print(f"  HNSW path (m=16, ef_construction=64, ef_search={HNSW_EF_SEARCH}, iterative_scan="
                       f"relaxed_order): {summary_ms(hnsw['latency'])}; recall@10 vs exact {hnsw['recall']:.3f}")
                 print(f"    plan: {hnsw['plan']}")
                 store.exact_recall_max_messages = Settings(_env_file=None).memory.exact_recall_max_messages
-                rec = await bench_recall(store, db, vectors, loaded["owner"], args.users, args.queries, embedder)
+                rec = await bench_recall(store, db, vectors, owner, args.users, args.queries, embedder)
                 path = "exact scan of the user's rows" if per_user <= store.exact_recall_max_messages else "HNSW"
                 print(f"  default path ({per_user} messages per user -> {path}): {summary_ms(rec['latency'])}; "
                       f"recall@10 vs exact {rec['recall']:.3f} (goals: p95 <= 15 ms, recall@10 >= 0.95)")
@@ -432,7 +432,7 @@ async def main(args: argparse.Namespace) -> None:
 
                 print("== peer: langchain-postgres PGVector, same database, same model")
                 model = embedder._model  # the very same loaded SentenceTransformer
-                peer = await bench_langchain(url, model, texts, vectors, loaded["owner"], args.users, args.queries,
+                peer = await bench_langchain(url, model, texts, vectors, owner, args.users, args.queries,
                                              args.sequential)
                 rows = [
                     ("ingest msgs/s (batch 1, one writer)", f"{ingest['sequential']:.0f}",
@@ -450,8 +450,8 @@ async def main(args: argparse.Namespace) -> None:
                 await db.close()
 
 
-async def _shared_embedder(app) -> Embedder:
-    # The memory service loaded the model already; build a second handle on the same weights for bulk work.
+async def bench_embedder() -> Embedder:
+    """An embedder of the benchmark's own (the service's is in the service) for bulk work: corpus and queries."""
     from sentence_transformers import SentenceTransformer
 
     from parley.runtime.embeddings import packaged_embedding_model_path

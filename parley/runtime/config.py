@@ -142,8 +142,9 @@ class MemorySettings(BaseModel):
     max_message_chars: int = Field(32768, ge=1, description="Longest message content accepted.")
     max_document_chars: int = Field(2_000_000, ge=1, description="Longest document accepted.")
     exact_recall_max_messages: int = Field(
-        20_000, ge=0, description="Users with up to this many messages get exact recall (a scan of their rows); "
-        "above it the HNSW index answers (approximate)."
+        50_000, ge=0, description="Users with up to this many messages get exact recall (a scan of their rows, "
+        "~0.5 ms per 1,000 rows here); above it the HNSW index answers (approximate, and on some data poor: "
+        "ARCHITECTURE.md, Recall)."
     )
     vector_write_delay_ms: float = Field(
         50.0, ge=0, description="How long the vectors of an `async_embedding` append (what the chat service uses) "

@@ -112,7 +112,7 @@ _SET_EMBEDDINGS = text(
 
 
 class MemoryStore:
-    def __init__(self, engine: AsyncEngine, exact_recall_max_messages: int = 20_000,
+    def __init__(self, engine: AsyncEngine, exact_recall_max_messages: int = 50_000,
                  derived_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
         # Writes of recomputable data (vectors): `Database.derived_engine` commits them without waiting for the
