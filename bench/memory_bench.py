@@ -40,7 +40,7 @@ from parley.runtime.db import Database, migrate
 from parley.runtime.embedded import embedded_postgres
 from parley.runtime.embeddings import Embedder
 from parley.runtime.logging import configure_logging
-from services.memory.store import HNSW_EF_SEARCH, MemoryStore, vector_literal
+from services.memory.store import HNSW_EF_SEARCH, MemoryStore, vectors_param
 
 CACHE = Path.home() / ".cache" / "parley" / "bench"
 
@@ -210,10 +210,10 @@ async def bulk_load(db: Database, texts: list[str], vectors: np.ndarray, owner: 
         async with db.engine.begin() as conn:
             await conn.execute(text(
                 "INSERT INTO messages (id, conversation_id, user_id, role, content, token_count, embedding) "
-                "SELECT gen_random_uuid(), c, u, 2, t, 12, CAST(e AS vector) FROM unnest(CAST(:c AS uuid[]), "
-                "CAST(:u AS text[]), CAST(:t AS text[]), CAST(:e AS text[])) AS x(c, u, t, e)"),
+                "SELECT gen_random_uuid(), c, u, 2, t, 12, e FROM unnest(CAST(:c AS uuid[]), "
+                "CAST(:u AS text[]), CAST(:t AS text[]), CAST(:e AS vector[])) AS x(c, u, t, e)"),
                 {"c": [conv_of[owner[i]] for i in range(start, end)], "u": owner[start:end], "t": texts[start:end],
-                 "e": [vector_literal(v) for v in vectors[start:end]]})
+                 "e": vectors_param(vectors[start:end])})
     async with db.engine.begin() as conn:
         await conn.execute(text(
             "UPDATE conversations c SET message_count = m.n FROM (SELECT conversation_id, count(*) AS n "

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -158,3 +159,46 @@ async def test_every_session_scans_hnsw_with_parleys_settings(database_url):
     finally:
         await db.close()
     assert seen == [tuple(VECTOR_SCAN_SETTINGS.values())] * 2 == [("100", "relaxed_order")] * 2
+
+
+async def test_vectors_travel_in_pgvectors_binary_form_and_a_database_without_the_extension_still_connects(
+        database_url):
+    """`Database` registers pgvector's binary codecs on each connection: a vector or halfvec parameter is sent as
+    binary (no text literal to format), and vector results come back as numpy arrays. A database without the
+    extension (another service's own database) connects as before."""
+    from pgvector.utils import HalfVector, Vector
+    from sqlalchemy.engine import make_url
+
+    await migrate(database_url)
+    db = Database(database_url, pool_size=1)
+    vector = np.random.default_rng(1).standard_normal(384).astype(np.float32)
+    try:
+        async with db.engine.connect() as conn:
+            row = (await conn.execute(text("SELECT CAST(:v AS vector) AS v, CAST(:h AS halfvec) AS h"),
+                                      {"v": Vector(vector), "h": HalfVector(vector)})).one()
+        assert isinstance(row.v, np.ndarray) and np.array_equal(row.v, vector)  # float4, bit for bit
+        assert np.allclose(row.h.to_numpy(), vector, atol=1e-2)
+        async with db.engine.connect() as conn:  # the codec is binary: the server's own text form agrees
+            text_form = (await conn.execute(text("SELECT CAST(CAST(:v AS vector) AS text)"),
+                                            {"v": Vector(vector)})).scalar_one()
+        assert np.array_equal(np.array(text_form[1:-1].split(","), dtype=np.float32), vector)
+    finally:
+        await db.close()
+
+    admin = Database(database_url, pool_size=1, application_name="parley-test-admin")
+    url = make_url(database_url).set(database="no_vector_extension").render_as_string(hide_password=False)
+    try:
+        async with admin.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("DROP DATABASE IF EXISTS no_vector_extension"))
+            await conn.execute(text("CREATE DATABASE no_vector_extension"))
+        plain = Database(url, pool_size=1)
+        try:
+            assert await _one(plain) == 1
+        finally:
+            await plain.close()
+    finally:
+        async with admin.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("DROP DATABASE IF EXISTS no_vector_extension WITH (FORCE)"))
+        await admin.close()

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+from pgvector.utils import HalfVector, Vector
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -36,18 +37,19 @@ HNSW_OVERFETCH = 4  # candidates per requested neighbour on the approximate reca
 EXACT_SHORTLIST = 3  # half-precision candidates per requested neighbour that the exact plan re-ranks
 
 
-# The query vector is a text parameter cast to the column's type: PostgreSQL then types the parameter itself as
-# vector (halfvec), parsed once per execution. A cast of a parameter of another type is an expression, and a generic
-# plan (a prepared statement run often) computes it once per row: a binary float4[] cast to vector took 19 ms
-# instead of 3 for 5,000 rows. For the same reason the halfvec copy is a parameter of its own (`qh`): one parameter
-# cast to both types takes the type of its first use, and the other would be a cast of it (or worse, a vector
-# rounded to half precision).
+# The query vector is a parameter cast to the column's type: PostgreSQL then types the parameter itself as vector
+# (halfvec), and asyncpg sends it in that type's binary form (`Database` registers pgvector's codecs). A cast of a
+# parameter of another type is an expression, and a generic plan (a prepared statement run often) computes it once
+# per row: a binary float4[] cast to vector took 19 ms instead of 3 for 5,000 rows. For the same reason the halfvec
+# copy is a parameter of its own (`qh`): one parameter cast to both types takes the type of its first use, and the
+# other would be a cast of it (or worse, a vector rounded to half precision).
 _QUERY_VECTOR = "CAST(:q AS vector)"
 _QUERY_HALFVEC = "CAST(:qh AS halfvec)"
 
 
-def vector_literal(vector: Sequence[float]) -> str:
-    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+def vectors_param(rows: np.ndarray | Sequence[Sequence[float]]) -> list[Vector]:
+    """Parameters of a `vector[]`: pgvector `Vector`s (a bare array would be taken for a dimension of the array)."""
+    return [Vector(np.asarray(row, dtype=np.float32)) for row in rows]
 
 
 def _conversation(row, prefix: str = "") -> Conversation:
@@ -104,10 +106,8 @@ _APPEND = text(
     """
 )
 _SET_EMBEDDINGS = text(
-    f"UPDATE messages SET embedding = CAST(f.flat[(v.n - 1) * {EMBEDDING_DIM} + 1 : v.n * {EMBEDDING_DIM}] "
-    "AS vector) "
-    "FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS v(id, n), "
-    "(SELECT CAST(:flat AS float4[]) AS flat) AS f WHERE messages.id = v.id"
+    "UPDATE messages SET embedding = v.embedding "
+    "FROM unnest(CAST(:ids AS uuid[]), CAST(:vectors AS vector[])) AS v(id, embedding) WHERE messages.id = v.id"
 )
 
 
@@ -268,11 +268,9 @@ class MemoryStore:
         """Store the vectors (one row each, in `ids` order) of messages."""
         if not ids:
             return
-        flat = np.asarray(vectors, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
+        rows = np.asarray(vectors, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
         async with self._autocommit(self.derived_engine) as conn:  # one statement, its own transaction
-            # The vectors travel as one binary float4[] (no text formatting or parsing of 384 numbers each),
-            # sliced per message on the server.
-            await conn.execute(_SET_EMBEDDINGS, {"ids": ids, "flat": flat.ravel().tolist()})
+            await conn.execute(_SET_EMBEDDINGS, {"ids": ids, "vectors": vectors_param(rows)})
 
     async def pending_embeddings(self, limit: int, min_age_s: float = 0.0) -> list[tuple[uuid.UUID, str]]:
         """Messages stored without an embedding (embedding failed or the process died), oldest first; only those
@@ -322,11 +320,11 @@ class MemoryStore:
     def recall_statements(q: RecallQuery) -> tuple[TextClause, TextClause, dict[str, Any]]:
         """(exact, approximate, params): the two plans of `recall` over the same filters."""
         where = ["user_id = :user_id", "role = ANY(CAST(:roles AS smallint[]))"]
-        vector = vector_literal(q.vector)
+        vector = np.asarray(q.vector, dtype=np.float32)
         params: dict[str, Any] = {
             "user_id": q.user_id,
-            "q": vector,
-            "qh": vector,  # the same vector, as the halfvec parameter (see _QUERY_HALFVEC)
+            "q": Vector(vector),
+            "qh": HalfVector(vector),  # the same vector, as the halfvec parameter (see _QUERY_HALFVEC)
             "roles": [int(r) for r in q.roles],
             "limit": q.top_k,
             # The approximate plan takes this many neighbours from the index and keeps the exact best top_k:
@@ -416,12 +414,12 @@ class MemoryStore:
             await conn.execute(
                 text(
                     "INSERT INTO document_chunks (document_id, user_id, visibility, chunk_index, content, embedding) "
-                    "SELECT :doc, :user_id, :visibility, c.ord - 1, c.content, CAST(c.e AS vector) "
-                    "FROM unnest(CAST(:contents AS text[]), CAST(:vectors AS text[])) WITH ORDINALITY AS c(content, e, ord)"
+                    "SELECT :doc, :user_id, :visibility, c.ord - 1, c.content, c.e "
+                    "FROM unnest(CAST(:contents AS text[]), CAST(:vectors AS vector[])) WITH ORDINALITY AS c(content, e, ord)"
                 ),
                 {
                     "doc": doc.id, "user_id": doc.user_id, "visibility": int(doc.visibility),
-                    "contents": chunks, "vectors": [vector_literal(v) for v in vectors],
+                    "contents": chunks, "vectors": vectors_param(vectors),
                 },
             )
         return _document(row)
@@ -479,7 +477,7 @@ class MemoryStore:
         async with self._autocommit() as conn:
             rows = (
                 await conn.execute(
-                    sql, {"user_id": user_id, "q": vector_literal(vector), "text": query, "n": candidates, "k": top_k}
+                    sql, {"user_id": user_id, "q": Vector(np.asarray(vector, dtype=np.float32)), "text": query, "n": candidates, "k": top_k}
                 )
             ).all()
         return [

@@ -8,6 +8,7 @@ import re
 import uuid
 
 import numpy as np
+from pgvector.utils import HalfVector, Vector
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from parley.runtime.db import downgrade, migrate
 from services.memory.records import NewMessage, RecallQuery, Role
-from services.memory.store import MemoryStore, vector_literal
+from services.memory.store import MemoryStore
 
 DIM = 384
 
@@ -82,7 +83,8 @@ async def test_message_rows_keep_both_vectors_in_line(store):
 async def test_0005_fills_in_and_takes_away_the_half_precision_copies(database_url):
     admin = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
     url = make_url(database_url).set(database="halfvec_migration").render_as_string(hide_password=False)
-    vector = vector_literal(np.linspace(-1, 1, DIM) / np.linalg.norm(np.linspace(-1, 1, DIM)))
+    # a text literal: this engine is a plain one, without the binary codecs `Database` registers
+    vector = "[" + ",".join(map(str, np.linspace(-1, 1, DIM) / np.linalg.norm(np.linspace(-1, 1, DIM)))) + "]"
     engine = None
     try:
         async with admin.connect() as conn:
@@ -133,6 +135,8 @@ async def test_the_query_vector_is_a_parameter_of_its_own_type_in_a_generic_plan
     exact, approximate, params = store.recall_statements(_query("any-user", np.full(DIM, 0.05, np.float32), 10))
 
     def literal(value) -> str:
+        if isinstance(value, (Vector, HalfVector)):
+            return f"'{value.to_text()}'"
         if isinstance(value, list):
             return "'{" + ",".join(str(v) for v in value) + "}'"
         return f"'{value}'" if isinstance(value, str) else str(value)
