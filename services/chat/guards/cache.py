@@ -5,7 +5,7 @@ collapsed) and a fingerprint of the context the caller passes (e.g. session hist
 recalled message ids), scoped per user unless `cache_shared_across_users`. The value is
 opaque bytes (the serialized response). A hit costs nothing: the caller marks the answer
 `cache_hit` and records a zero-cost usage row. Without Redis: a miss, and `put` does
-nothing (fail open). No semantic (embedding-similarity) cache.
+nothing (fail open). No semantic (embedding-similarity) cache: docs/chat-guards.md says why.
 """
 
 from __future__ import annotations
