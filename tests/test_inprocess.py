@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import uuid
 
 import grpc
@@ -98,6 +99,29 @@ async def test_a_call_is_answered_counted_and_carries_the_request_id(app, memory
     got = await memory.GetConversation(mpb.GetConversationRequest(
         user_id=f"inproc-{kind}", conversation_id=created.conversation.conversation_id))
     assert got.conversation == created.conversation
+
+
+async def test_the_access_log_line_names_the_peer(app, memory, kind, caplog):
+    """A gRPC call is logged with the caller's address, an in-process one as `inproc:`."""
+    caplog.set_level(logging.INFO, logger="parley.rpc")
+    request_id = f"peer-{kind}-{uuid.uuid4()}"
+    token = REQUEST_ID.set(request_id)
+    try:
+        await memory.CreateConversation(mpb.CreateConversationRequest(user_id=f"peer-{kind}"))
+    finally:
+        REQUEST_ID.reset(token)
+
+    def line() -> dict | None:  # structlog hands the stdlib its event dict
+        return next((r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == "rpc"
+                     and r.msg.get("request_id") == request_id), None)
+
+    await eventually(lambda: line() is not None)  # logged once the call ended (gRPC: after the answer went out)
+    logged = line()
+    assert logged["method"] == "CreateConversation" and logged["code"] == "OK"
+    if kind == "inprocess":
+        assert logged["peer"] == inprocess.PEER
+    else:
+        assert logged["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:")), logged["peer"]
 
 
 async def test_a_call_runs_once_however_often_it_is_awaited(app, memory, kind):

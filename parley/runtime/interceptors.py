@@ -65,6 +65,7 @@ class _Call:
     def __init__(self, metrics: Metrics, service: str, method: str, request_id: str,
                  context: grpc.aio.ServicerContext) -> None:
         self.metrics, self.service, self.method, self.request_id = metrics, service, method, request_id
+        self.peer = context.peer()  # "ipv4:127.0.0.1:52114", ..., or "inproc:" for a co-hosted service's call
         self.code = "OK"
         self.started = time.perf_counter()
         self.elapsed: float | None = None
@@ -88,7 +89,7 @@ class _Call:
         self.metrics.rpc_latency.labels(self.service, self.method, self.code).observe(self.elapsed)
         if self.service not in _QUIET_SERVICES:
             _log.info("rpc", service=self.service, method=self.method, code=self.code,
-                      ms=round(self.elapsed * 1000, 2), request_id=self.request_id)
+                      ms=round(self.elapsed * 1000, 2), request_id=self.request_id, peer=self.peer)
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         """Abort the RPC with the status for `exc` (always raises), the request id in its trailers.
