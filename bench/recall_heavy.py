@@ -16,43 +16,16 @@ import asyncio
 import os
 import random
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-from sqlalchemy import text
-
 from bench.common import summary_ms
-from bench.memory_bench import bench_embedder, bulk_load, corpus, embed_cached, questions
+from bench.memory_bench import bench_embedder, bench_recall, bulk_load, corpus, embed_cached, questions
 from parley.runtime.db import Database, migrate
 from parley.runtime.embedded import embedded_postgres
 from parley.runtime.logging import configure_logging
-from services.memory.records import RecallQuery, Role
 from services.memory.store import HNSW_EF_SEARCH, MemoryStore
 
 MESSAGES = 100_000
-
-
-async def measure(store: MemoryStore, db: Database, users: list[str], qvecs: np.ndarray, vectors: np.ndarray,
-                  owner: np.ndarray, owned: int, exact: bool) -> dict[str, object]:
-    store.exact_recall_max_messages = owned if exact else 0
-    latencies, recalls, statement, params = [], [], None, None
-    for i, q in enumerate(qvecs):
-        user = users[i % len(users)]
-        query = RecallQuery(user_id=user, vector=q.tolist(), top_k=10, min_score=0.0, conversation_ids=[],
-                            roles=[Role.USER, Role.ASSISTANT], start_time=None, end_time=None, exclude_ids=[],
-                            exclude_recent_conversation=None, exclude_recent_count=0)
-        started = time.perf_counter()
-        hits = await store.recall(query, owned=owned)
-        latencies.append((time.perf_counter() - started) * 1000)
-        idx = np.nonzero(owner == user)[0]
-        kth = float(np.sort(vectors[idx] @ q)[-10])  # the exact 10th neighbour's similarity
-        recalls.append(sum(1 for _, s in hits if s >= kth - 1e-4) / 10)  # ties count (as in memory_bench)
-        statement, params = store.recall_statement(query, owned)
-    async with db.engine.connect() as conn:
-        plan = [r[0] for r in (await conn.execute(text("EXPLAIN " + statement.text), params)).all()]
-    scans = sorted({line.strip().lstrip("-> ").split("  (")[0] for line in plan if " Scan " in line})
-    return {"latency": latencies, "recall": float(np.mean(recalls)), "plan": "; ".join(scans)}
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -68,6 +41,7 @@ async def main(args: argparse.Namespace) -> None:
     texts = corpus(MESSAGES)
     vectors = await embed_cached(embedder, texts, "messages")
     qvecs = await embedder.embed(questions(args.queries, seed=3))
+    asked = [heavy[i % len(heavy)] for i in range(args.queries)]
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         async with embedded_postgres(Path(tmp) / "pg") as url:
             await migrate(url)
@@ -79,7 +53,8 @@ async def main(args: argparse.Namespace) -> None:
                       f"(rest: 100 light users); {args.queries} queries; baseline: exact scan in numpy")
                 for rnd in range(args.rounds):
                     for exact in (False, True):
-                        r = await measure(store, db, heavy, qvecs, vectors, np.array(owner), args.per_user, exact)
+                        store.exact_recall_max_messages = args.per_user if exact else 0
+                        r = await bench_recall(store, db, vectors, owner, asked, qvecs, owned=args.per_user)
                         label = ("exact plan (every row of the user ranked)" if exact else
                                  f"HNSW plan (ef_search={HNSW_EF_SEARCH}, relaxed_order)")
                         print(f"  round {rnd + 1}, {label}: {summary_ms(r['latency'])}; recall@10 {r['recall']:.3f}")

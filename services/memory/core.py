@@ -234,7 +234,7 @@ class MemoryCore:
         # The plan's input (the user's message count) is read while the query is embedded: one round trip less
         # after the vector is known.
         owned, vectors = await asyncio.gather(self.store.owned_messages(q.user_id), self.embedder.embed([query]))
-        q.vector = vectors[0].tolist()
+        q.vector = vectors[0]
         return await self.store.recall(q, owned)
 
     # -- documents -----------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class MemoryCore:
             id=uuid.uuid4(), user_id=user_id, title=title, source=source, visibility=visibility,
             chunk_count=len(chunks), metadata=_metadata(metadata, "metadata"), created_at=datetime.now(),
         )
-        return await self.store.insert_document(doc, chunks, vectors.tolist())
+        return await self.store.insert_document(doc, chunks, vectors)
 
     async def list_documents(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Document], str]:
         """Newest first, keyset-paged on (created_at, id)."""
@@ -276,7 +276,7 @@ class MemoryCore:
         v.user_id(user_id)
         v.text(query, "query", MAX_QUERY_CHARS)
         k = v.bounded_int(top_k, "top_k", 1, 100, 5)
-        vector = (await self.embedder.embed([query]))[0].tolist()
+        vector = (await self.embedder.embed([query]))[0]
         return await self.store.search_chunks(user_id, query, vector, k)
 
     async def delete_user(self, user_id: str) -> tuple[int, int, int]:

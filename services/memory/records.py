@@ -6,7 +6,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Role(IntEnum):
@@ -71,7 +74,7 @@ class Message:
 @dataclass
 class RecallQuery:
     user_id: str
-    vector: list[float]
+    vector: np.ndarray | list[float]  # the query's embedding (384 floats)
     top_k: int
     min_score: float
     conversation_ids: list[uuid.UUID]

@@ -395,7 +395,7 @@ class MemoryStore:
     # -- documents -----------------------------------------------------------------------------
 
     async def insert_document(
-        self, doc: Document, chunks: list[str], vectors: list[list[float]]
+        self, doc: Document, chunks: list[str], vectors: np.ndarray | list[list[float]]
     ) -> Document:
         async with self.engine.begin() as conn:
             row = (
@@ -415,7 +415,8 @@ class MemoryStore:
                 text(
                     "INSERT INTO document_chunks (document_id, user_id, visibility, chunk_index, content, embedding) "
                     "SELECT :doc, :user_id, :visibility, c.ord - 1, c.content, c.e "
-                    "FROM unnest(CAST(:contents AS text[]), CAST(:vectors AS vector[])) WITH ORDINALITY AS c(content, e, ord)"
+                    "FROM unnest(CAST(:contents AS text[]), CAST(:vectors AS vector[])) "
+                    "WITH ORDINALITY AS c(content, e, ord)"
                 ),
                 {
                     "doc": doc.id, "user_id": doc.user_id, "visibility": int(doc.visibility),
@@ -441,7 +442,8 @@ class MemoryStore:
             ).one_or_none()
         return None if row is None else int(row.chunk_count)
 
-    async def search_chunks(self, user_id: str, query: str, vector: list[float], top_k: int) -> list[Chunk]:
+    async def search_chunks(self, user_id: str, query: str, vector: np.ndarray | list[float],
+                            top_k: int) -> list[Chunk]:
         """Hybrid search: pgvector cosine ranking and full-text ranking fused by reciprocal rank fusion.
 
         The text side matches any of the query's words (OR), ranked by ts_rank_cd: a question rarely
@@ -477,7 +479,8 @@ class MemoryStore:
         async with self._autocommit() as conn:
             rows = (
                 await conn.execute(
-                    sql, {"user_id": user_id, "q": Vector(np.asarray(vector, dtype=np.float32)), "text": query, "n": candidates, "k": top_k}
+                    sql, {"user_id": user_id, "q": Vector(np.asarray(vector, dtype=np.float32)), "text": query,
+                          "n": candidates, "k": top_k}
                 )
             ).all()
         return [
