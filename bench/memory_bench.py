@@ -359,8 +359,9 @@ async def ingestion(url: str, tmp: Path, args: argparse.Namespace) -> dict[bool,
             if "postgres" in pids:  # the embedded server is ours to configure; a given DATABASE_URL's is not
                 await track_wal_flushes(db)
             stub = memory_pb2_grpc.MemoryServiceStub(channel)
-            for mode, label in ((True, "async_embedding (vectors follow the commit)"),
-                                (False, "synchronous (each call waits for its vectors)")):
+            modes = ((True, "async_embedding (vectors follow the commit)"),
+                     (False, "synchronous (each call waits for its vectors)"))
+            for mode, label in modes[:1] if args.async_only else modes:
                 rounds = [await bench_ingestion(stub, db, args.writers, args.sequential, args.writers,
                                                 args.per_writer, mode, f"{'a' if mode else 's'}{r}",
                                                 seed=100 * r + mode, pids=pids) for r in range(args.rounds)]
@@ -482,4 +483,6 @@ if __name__ == "__main__":
     parser.add_argument("--per-writer", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3, help="ingestion rounds per mode (the median is quoted)")
     parser.add_argument("--only-ingestion", action="store_true", help="stop after the ingestion figures")
+    parser.add_argument("--async-only", action="store_true",
+                        help="ingestion with `async_embedding` only (the mode the goal is about), not synchronous")
     asyncio.run(main(parser.parse_args()))

@@ -108,12 +108,12 @@ class EmbeddingSettings(BaseModel):
         "none; texts that arrive while a pass runs form the next batch."
     )
     background_wait_ms: float = Field(
-        50.0, ge=0, description="How long a micro-batch of background texts (vectors that follow a commit: "
+        100.0, ge=0, description="How long a micro-batch of background texts (vectors that follow a commit: "
         "asynchronous appends, document chunks, the backfill) may wait to fill up. Small batches cost ~2x the CPU "
         "per text; background passes run in a thread of their own, beside the urgent ones."
     )
     background_batch: int = Field(
-        16, ge=1, description="Background texts that start a forward pass without waiting further."
+        32, ge=1, description="Background texts that start a forward pass without waiting further."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Arithmetic of the model's matrix products. `bf16`: bfloat16 on the CPU's AMX units "

@@ -9,7 +9,8 @@ Two lanes, each with its own queue and encode thread:
   `max_wait_ms` after the first request (default 0: at once; the former 2 ms were added to every recall).
 - background (`embed(..., background=True)`): vectors that follow a commit (asynchronous appends, the backfill,
   document chunks). A pass waits until `background_batch` texts are queued or the oldest has waited
-  `background_wait_ms`. A forward pass costs far more per text in small batches: one short text takes ~5 ms
+  `background_wait_ms`, unless one of its requests has a caller waiting for it (`embed(..., waited=True)`, a
+  document's chunks): that pass takes what is queued and starts. A forward pass costs far more per text in small batches: one short text takes ~5 ms
   here, while 10 or more texts take ~1.5 ms each (bf16, OpenVINO). Background work is batched for throughput,
   and it runs beside urgent work instead of ahead of it.
 
@@ -49,6 +50,7 @@ class _Request:
     texts: list[str]
     future: asyncio.Future = field(repr=False)
     arrived: float = field(default_factory=time.perf_counter)
+    waited: bool = False  # someone waits for these vectors: the pass does not wait for more texts
 
 
 @dataclass
@@ -67,8 +69,8 @@ class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
     def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 0.0, cache_size: int = 2048,
-                 encoder: OnnxEncoder | OpenVinoEncoder | None = None, background_wait_ms: float = 50.0,
-                 background_batch: int = 16, background_encoder: OnnxEncoder | OpenVinoEncoder | None = None) -> None:
+                 encoder: OnnxEncoder | OpenVinoEncoder | None = None, background_wait_ms: float = 100.0,
+                 background_batch: int = 32, background_encoder: OnnxEncoder | OpenVinoEncoder | None = None) -> None:
         """`background_encoder`: the background lane's copy of `encoder` (made here if not given: OpenVINO
         compiles it, ~0.3 s, which `load` does in its thread instead of on the event loop)."""
         self._model = model
@@ -105,8 +107,8 @@ class Embedder:
     @classmethod
     async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float, threads: int = 1,
                    backend: str = "onnx", onnx_cache_dir: Path | None = None,
-                   precision: str = "auto", background_wait_ms: float = 50.0,
-                   background_batch: int = 16) -> Embedder:
+                   precision: str = "auto", background_wait_ms: float = 100.0,
+                   background_batch: int = 32) -> Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
         precision "bf16" (or "auto" on a CPU with AMX): the transformer's ONNX export compiled by OpenVINO for
@@ -191,9 +193,10 @@ class Embedder:
         encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
-    async def embed(self, texts: list[str], background: bool = False) -> np.ndarray:
-        """Unit-length embeddings, one row per text. `background`: no one is waiting on them right now (see
-        the module's docstring): they are batched for throughput rather than latency."""
+    async def embed(self, texts: list[str], background: bool = False, waited: bool = False) -> np.ndarray:
+        """Unit-length embeddings, one row per text. `background`: bulk work that must not delay urgent texts
+        (see the module's docstring); batched for throughput rather than latency unless `waited` (a caller waits
+        for these vectors: their pass starts with what is queued, without waiting for the batch to fill)."""
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         if not self._workers:
@@ -208,7 +211,7 @@ class Embedder:
             for i, text in enumerate(missing):  # concurrent callers of the same text wait for this pass
                 self._in_flight[text] = (future, i, lane)
             try:
-                await lane.queue.put(_Request(missing, future))
+                await lane.queue.put(_Request(missing, future, waited=waited))
                 found.update(zip(missing, await asyncio.shield(future)))
             finally:
                 for text in missing:
@@ -224,15 +227,16 @@ class Embedder:
         return np.stack([found[t] for t in texts])
 
     async def _next_batch(self, lane: _Lane) -> list[_Request]:
-        """Requests for one pass: until `lane.fill` texts or the oldest has waited `lane.max_wait`, then whatever
-        else is already queued, up to `batch_size`."""
+        """Requests for one pass: until `lane.fill` texts or the oldest has waited `lane.max_wait` (or a request
+        whose caller waits is among them), then whatever else is already queued, up to `batch_size`."""
         batch = [await lane.queue.get()]
         size = len(batch[0].texts)
         deadline = batch[0].arrived + lane.max_wait
+        waited = batch[0].waited
         while size < self._batch_size:
             remaining = deadline - time.perf_counter()
             try:
-                if size >= lane.fill or remaining <= 0:
+                if size >= lane.fill or remaining <= 0 or waited:
                     nxt = lane.queue.get_nowait()
                 else:
                     nxt = await asyncio.wait_for(lane.queue.get(), remaining)
@@ -240,6 +244,7 @@ class Embedder:
                 break
             batch.append(nxt)
             size += len(nxt.texts)
+            waited = waited or nxt.waited
         return batch
 
     async def _run(self, lane: _Lane) -> None:

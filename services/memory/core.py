@@ -252,7 +252,8 @@ class MemoryCore:
         if not 0 <= overlap < size:
             raise v.invalid("chunk_overlap", f"must be between 0 and {size - 1} (below chunk_tokens)")
         chunks = await asyncio.to_thread(chunk_text, content, self.embedder.new_tokenizer(), size, overlap)
-        vectors = await self.embedder.embed(chunks, background=True)  # bulk: not ahead of recall queries
+        # Bulk: not ahead of recall queries; but the caller waits, so the pass does not wait for more texts.
+        vectors = await self.embedder.embed(chunks, background=True, waited=True)
         doc = Document(
             id=uuid.uuid4(), user_id=user_id, title=title, source=source, visibility=visibility,
             chunk_count=len(chunks), metadata=_metadata(metadata, "metadata"), created_at=datetime.now(),

@@ -165,3 +165,17 @@ async def test_urgent_texts_do_not_wait_for_background_batches(lanes):
     await asyncio.wait_for(embedder.embed(["a", "b", "c"], background=True), 5)  # fills the background batch
     assert (await asyncio.wait_for(queued, 5) == urgent).all()
     assert encoded == [["shared text"], ["a", "b", "c"]], "the background pass skipped what the urgent one computed"
+
+
+async def test_a_waited_background_request_does_not_wait_for_the_batch_to_fill(lanes):
+    """A document's chunks (the IngestDocument caller waits) take the background lane, so they never go ahead
+    of a recall query, but their pass starts with what is queued instead of waiting for `background_batch` texts
+    (10 s in this fixture)."""
+    embedder, encoded = lanes
+    queued = asyncio.ensure_future(embedder.embed(["an earlier background note"], background=True))
+    await asyncio.sleep(0.05)
+    assert encoded == [], "1 of 4 texts: the background lane waits"
+    chunks = await asyncio.wait_for(embedder.embed(["chunk one", "chunk two"], background=True, waited=True), 5)
+    assert chunks.shape == (2, 384)
+    await asyncio.wait_for(queued, 5)
+    assert encoded == [["an earlier background note", "chunk one", "chunk two"]], "one pass, started at once"
