@@ -10,9 +10,9 @@ Two lanes, each with its own queue and encode thread:
 - background (`embed(..., background=True)`): vectors that follow a commit (asynchronous appends, the backfill,
   document chunks). A pass waits until `background_batch` texts are queued or the oldest has waited
   `background_wait_ms`, unless one of its requests has a caller waiting for it (`embed(..., waited=True)`, a
-  document's chunks): that pass takes what is queued and starts. A forward pass costs far more per text in small batches: one short text takes ~5 ms
-  here, while 10 or more texts take ~1.5 ms each (bf16, OpenVINO). Background work is batched for throughput,
-  and it runs beside urgent work instead of ahead of it.
+  document's chunks): that pass takes what is queued and starts. A forward pass costs far more per text in
+  small batches: one short text takes ~5 ms here, while 10 or more texts take ~1.1-1.5 ms each (bf16,
+  OpenVINO). Background work is batched for throughput, and it runs beside urgent work instead of ahead of it.
 
 A text already computed (the cache) or being computed (in flight) is not computed again. An urgent caller does
 not wait for a background pass, and a background pass skips texts that an urgent one computed meanwhile.
