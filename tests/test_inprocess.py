@@ -309,6 +309,47 @@ async def test_a_stream_keeps_its_errors_deadline_and_cancellation(app, inferenc
         upstream.delay_s = 0
 
 
+async def test_a_stream_cancelled_while_its_handler_is_looked_up_never_runs(app, monkeypatch):
+    """cancel() after the reader started the call but before its handler was found (the interceptors' lookup is
+    awaited): the handler never runs and the reader gets CancelledError, as over gRPC; a second cancel() and a
+    cancel() of a finished call answer False."""
+    channel = app.server.local_channel()
+    handlers = channel._handlers
+    looking_up, release, ran = asyncio.Event(), asyncio.Event(), []
+    real = handlers.handler
+
+    async def slow_lookup(method, metadata):
+        looking_up.set()
+        await release.wait()
+        handler = await real(method, metadata)
+
+        def unary_stream(request, context):
+            ran.append(method)
+            return handler.unary_stream(request, context)
+
+        return handler._replace(unary_stream=unary_stream)
+
+    monkeypatch.setattr(handlers, "handler", slow_lookup)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    request = ipb.StreamGenerateRequest(model="instant", messages=[ipb.Message(role=2, content="Hi")])
+    call = stub.StreamGenerate(request)
+    reader = asyncio.ensure_future(anext(aiter(call), None))
+    await asyncio.wait_for(looking_up.wait(), 5)
+    assert call.cancel()
+    assert not call.cancel(), "cancelled already"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(reader, 5)
+    await asyncio.sleep(0.1)
+    assert ran == [], "the handler must not start after the call was cancelled"
+    assert await call.code() == grpc.StatusCode.CANCELLED
+
+    finished = stub.StreamGenerate(request)  # the same lookup, let through at once
+    events = [e async for e in finished]
+    assert events[-1].WhichOneof("event") == "final" and ran == ["/parley.inference.v1.InferenceService/StreamGenerate"]
+    assert not finished.cancel(), "a finished call cannot be cancelled"
+
+
 async def test_a_stopped_server_answers_unavailable_in_process(start_stack):
     async with start_stack(["memory"]) as running_app:
         channel = running_app.server.local_channel()

@@ -384,20 +384,22 @@ class _StreamCall(_Call):
     def __init__(self, method: _Method, request, timeout: float | None, metadata) -> None:
         super().__init__(method, request, timeout, metadata)
         self._task: asyncio.Task | None = None
-        self._queue: asyncio.Queue | None = None  # the running attempt's (made with its task)
+        self._queue: asyncio.Queue | None = None  # the running attempt's (made before its task)
         self._cancelled = False
+        self._finished = False  # the reader has seen the end, an error or the cancellation
 
     def cancel(self) -> bool:
-        """Stop the call: the handler is cancelled, and a reader gets `asyncio.CancelledError` (as from gRPC)."""
-        if self._task is None:  # not started: it never will be
-            cancelled, self._cancelled = not self._cancelled, True
-            return cancelled
-        if self._task.done():
+        """Stop the call: the handler is cancelled (or, not started yet, never starts), and a reader gets
+        `asyncio.CancelledError` (as from gRPC). False once the call has finished or was cancelled already."""
+        if self._finished or self._cancelled:
             return False
-        self._task.cancel()
-        while not self._queue.empty():  # what the handler sent ahead is dropped; the reader wakes up
-            self._queue.get_nowait()
-        self._queue.put_nowait(_CANCELLED)
+        self._cancelled = True  # checked by the reader before each attempt and once its handler is found
+        if self._task is not None:
+            self._task.cancel()
+        if self._queue is not None:
+            while not self._queue.empty():  # what the handler sent ahead is dropped; the reader wakes up
+                self._queue.get_nowait()
+            self._queue.put_nowait(_CANCELLED)
         return True
 
     def _locally_cancelled(self) -> asyncio.CancelledError:
@@ -409,16 +411,18 @@ class _StreamCall(_Call):
 
     async def _responses(self) -> AsyncIterator[Any]:
         method = self._method
-        if self._cancelled:
-            raise self._locally_cancelled()
         try:
             data, md, deadline = method._start(self._request, self._timeout, self._metadata)
             retrying, received = _Retrying(deadline), False
             while True:
+                if self._cancelled:  # before the call was read, or while a retry waited
+                    raise self._locally_cancelled()
                 context = LocalContext(md, deadline)
                 queue = self._queue = asyncio.Queue(maxsize=16)  # flow control: the handler runs <= 16 ahead
                 self._task = task = await self._serve(data, md, context, queue, deadline)
                 try:
+                    if self._cancelled:  # cancelled while the handler was looked up: it stops before it runs
+                        raise self._locally_cancelled()
                     while True:
                         try:
                             async with asyncio.timeout_at(deadline):  # around the wait only, never a `yield`
@@ -443,6 +447,8 @@ class _StreamCall(_Call):
         except grpc.aio.AioRpcError as err:
             self._ended(None, err)
             raise
+        finally:
+            self._finished = True
 
     async def _serve(self, data: bytes, md: tuple, context: LocalContext, queue: asyncio.Queue,
                      deadline: float | None) -> asyncio.Task:
