@@ -206,6 +206,10 @@ class Embedder:
         pending = {t: entry[:2] for t in texts if t not in found and (entry := self._in_flight.get(t))
                    and (background or entry[2] is lane)}  # an urgent caller does not wait on a background pass
         missing = [t for t in dict.fromkeys(texts) if t not in found and t not in pending]
+        if waited and not missing and any(self._in_flight[t][2] is self._background for t in pending):
+            # Only texts someone else queued for a background pass, which may be waiting to fill up: a request
+            # without texts tells it that a caller waits (it starts with what is queued).
+            self._background.queue.put_nowait(_Request([], asyncio.get_running_loop().create_future(), waited=True))
         if missing:
             future = asyncio.get_running_loop().create_future()
             for i, text in enumerate(missing):  # concurrent callers of the same text wait for this pass
@@ -264,7 +268,8 @@ class Embedder:
                 continue
             for req in batch:
                 if not req.future.done():
-                    req.future.set_result(np.stack([known[t] for t in req.texts]))
+                    req.future.set_result(np.stack([known[t] for t in req.texts]) if req.texts
+                                          else np.zeros((0, EMBEDDING_DIM), dtype=np.float32))
 
     def _encode(self, texts: list[str], encoder: OnnxEncoder | OpenVinoEncoder | None) -> np.ndarray:
         """One lane's forward passes (in its thread), with that lane's encoder."""

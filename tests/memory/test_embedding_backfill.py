@@ -179,3 +179,15 @@ async def test_a_waited_background_request_does_not_wait_for_the_batch_to_fill(l
     assert chunks.shape == (2, 384)
     await asyncio.wait_for(queued, 5)
     assert encoded == [["an earlier background note", "chunk one", "chunk two"]], "one pass, started at once"
+
+
+async def test_a_waited_request_for_texts_already_queued_wakes_their_pass(lanes):
+    """The same text queued by an append (not waited) and then in a document: the document's caller waits on
+    that pass, which is told to start instead of waiting for the batch to fill (10 s here)."""
+    embedder, encoded = lanes
+    queued = asyncio.ensure_future(embedder.embed(["a note pasted twice"], background=True))
+    await asyncio.sleep(0.05)
+    assert encoded == []
+    again = await asyncio.wait_for(embedder.embed(["a note pasted twice"], background=True, waited=True), 5)
+    assert (await asyncio.wait_for(queued, 5) == again).all()
+    assert encoded == [["a note pasted twice"]], "one pass for both callers"
