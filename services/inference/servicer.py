@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import AsyncIterator
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
@@ -44,8 +46,20 @@ def _integral(value):
     return value
 
 
+@functools.lru_cache(maxsize=512)
+def _struct_json(serialized: bytes) -> str:
+    """A Struct (its deterministic serialization) as JSON. The same tool schemas come with every request of an
+    agent: converting one with `MessageToDict` takes ~40 us in Python, parsing this JSON again ~5 us."""
+    struct = struct_pb2.Struct()
+    struct.ParseFromString(serialized)
+    return json.dumps(_integral(json_format.MessageToDict(struct)))
+
+
 def _dict(message, field: str) -> dict | None:
-    return _integral(json_format.MessageToDict(getattr(message, field))) if message.HasField(field) else None
+    """The Struct `field` of `message` as a new dict (the caller may change it), or None when unset."""
+    if not message.HasField(field):
+        return None
+    return json.loads(_struct_json(getattr(message, field).SerializeToString(deterministic=True)))
 
 
 def messages_of(items) -> list[Message]:

@@ -209,3 +209,28 @@ def test_a_tool_call_with_a_raw_control_character_still_parses():
         json.loads(raw)
     call = parse_call(raw)
     assert call.name == "get_time" and json.loads(call.arguments_json) == {"timezone": "UTC+9\nTokyo"}
+
+
+def test_tool_schemas_convert_as_before_and_each_request_gets_its_own_copy():
+    """`request_of` converts a tool's Struct schema through a cache of its JSON: the result equals the
+    uncached `MessageToDict` conversion (integers given back), and changing one request's dict leaves the next
+    request's alone."""
+    from google.protobuf import json_format, struct_pb2
+
+    from parley.inference.v1 import inference_pb2 as pb
+    from services.inference.servicer import _integral, request_of
+
+    schema = {"type": "object", "required": ["city"], "additionalProperties": False,
+              "properties": {"city": {"type": "string", "maxLength": 40, "default": None},
+                             "ratio": {"type": "number", "minimum": 0.5, "multipleOf": 0.25},
+                             "tags": {"type": "array", "items": {"enum": ["a", "b", 3]}, "maxItems": 4},
+                             "exact": {"type": "boolean", "const": True}}}
+    struct = struct_pb2.Struct()
+    json_format.ParseDict(schema, struct)
+    request = pb.GenerateRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER, content="hi")],
+                                 tools=[pb.ToolDefinition(name="t", description="d", parameters=struct)])
+    first = request_of(request).tools[0].parameters
+    assert first == _integral(json_format.MessageToDict(struct)) == schema
+    assert isinstance(first["properties"]["city"]["maxLength"], int)
+    first["properties"].clear()
+    assert request_of(request).tools[0].parameters == schema
