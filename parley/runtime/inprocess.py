@@ -412,10 +412,12 @@ class _StreamCall(_Call):
     async def _responses(self) -> AsyncIterator[Any]:
         method = self._method
         try:
+            if self._cancelled:  # before the call was read: it never starts
+                raise self._locally_cancelled()
             data, md, deadline = method._start(self._request, self._timeout, self._metadata)
             retrying, received = _Retrying(deadline), False
             while True:
-                if self._cancelled:  # before the call was read, or while a retry waited
+                if self._cancelled:  # while a retry waited
                     raise self._locally_cancelled()
                 context = LocalContext(md, deadline)
                 queue = self._queue = asyncio.Queue(maxsize=16)  # flow control: the handler runs <= 16 ahead
