@@ -32,10 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from parley.runtime import encoders
+from parley.runtime.config import EmbeddingSettings
 from parley.runtime.encoders import OnnxEncoder, OpenVinoEncoder
 from parley.runtime.logging import get_logger
 
 EMBEDDING_DIM = 384
+# The background lane's defaults are the settings' (one place: `PARLEY_EMBEDDING__BACKGROUND_WAIT_MS` / `_BATCH`).
+BACKGROUND_WAIT_MS: float = EmbeddingSettings.model_fields["background_wait_ms"].default
+BACKGROUND_BATCH: int = EmbeddingSettings.model_fields["background_batch"].default
 _log = get_logger(__name__)
 
 
@@ -69,8 +73,9 @@ class Embedder:
     """all-MiniLM-L6-v2 (384-d, cosine) on the CPU, shared by every request of the process."""
 
     def __init__(self, model, batch_size: int = 64, max_wait_ms: float = 0.0, cache_size: int = 2048,
-                 encoder: OnnxEncoder | OpenVinoEncoder | None = None, background_wait_ms: float = 100.0,
-                 background_batch: int = 32, background_encoder: OnnxEncoder | OpenVinoEncoder | None = None) -> None:
+                 encoder: OnnxEncoder | OpenVinoEncoder | None = None,
+                 background_wait_ms: float = BACKGROUND_WAIT_MS, background_batch: int = BACKGROUND_BATCH,
+                 background_encoder: OnnxEncoder | OpenVinoEncoder | None = None) -> None:
         """`background_encoder`: the background lane's copy of `encoder` (made here if not given: OpenVINO
         compiles it, ~0.3 s, which `load` does in its thread instead of on the event loop)."""
         self._model = model
@@ -107,8 +112,8 @@ class Embedder:
     @classmethod
     async def load(cls, model_path: str | None, batch_size: int, max_wait_ms: float, threads: int = 1,
                    backend: str = "onnx", onnx_cache_dir: Path | None = None,
-                   precision: str = "auto", background_wait_ms: float = 100.0,
-                   background_batch: int = 32) -> Embedder:
+                   precision: str = "auto", background_wait_ms: float = BACKGROUND_WAIT_MS,
+                   background_batch: int = BACKGROUND_BATCH) -> Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
         precision "bf16" (or "auto" on a CPU with AMX): the transformer's ONNX export compiled by OpenVINO for
@@ -203,10 +208,10 @@ class Embedder:
             raise RuntimeError("Embedder.start() was not called")
         lane = self._background if background else self._urgent
         found = {t: self._cache[t] for t in texts if t in self._cache}
-        pending = {t: entry[:2] for t in texts if t not in found and (entry := self._in_flight.get(t))
+        pending = {t: entry for t in texts if t not in found and (entry := self._in_flight.get(t))
                    and (background or entry[2] is lane)}  # an urgent caller does not wait on a background pass
         missing = [t for t in dict.fromkeys(texts) if t not in found and t not in pending]
-        if waited and not missing and any(self._in_flight[t][2] is self._background for t in pending):
+        if waited and not missing and any(entry[2] is self._background for entry in pending.values()):
             # Only texts someone else queued for a background pass, which may be waiting to fill up: a request
             # without texts tells it that a caller waits (it starts with what is queued).
             self._background.queue.put_nowait(_Request([], asyncio.get_running_loop().create_future(), waited=True))
@@ -221,7 +226,7 @@ class Embedder:
                 for text in missing:
                     if self._in_flight.get(text, (None,))[0] is future:
                         del self._in_flight[text]
-        for text, (future, i) in pending.items():
+        for text, (future, i, _) in pending.items():
             found[text] = (await asyncio.shield(future))[i]
         for text in dict.fromkeys(texts):
             self._cache[text] = found[text]
