@@ -116,10 +116,10 @@ class EmbeddingSettings(BaseModel):
         32, ge=1, description="Background texts that start a forward pass without waiting further."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Arithmetic of the model's matrix products. `bf16`: bfloat16 on the CPU's AMX units "
-        "(OpenVINO, from the cached ONNX export), ~3x the texts/s of fp32 in batches, with vectors within "
-        "cosine 0.9999 of it; `fp32`: the reference vectors, run by `backend`; `auto`: bf16 where the CPU has "
-        "AMX, else fp32."
+        "auto", description="Arithmetic of the model's matrix products. `bf16`: bfloat16 on the CPU's AMX or "
+        "AVX-512 BF16 units (OpenVINO, from the cached ONNX export), 1.7-3x the texts/s of fp32 in batches, with "
+        "vectors within cosine 0.9999 of it; `fp32`: the reference vectors, run by `backend`; `auto`: bf16 where "
+        "the CPU has either (as OpenVINO reports it), else fp32."
     )
     backend: Literal["onnx", "torch"] = Field(
         "onnx", description="Runtime for fp32: `onnx` exports the transformer once (cached) and runs it with "

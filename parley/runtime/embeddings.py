@@ -116,7 +116,7 @@ class Embedder:
                    background_batch: int = BACKGROUND_BATCH) -> Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
-        precision "bf16" (or "auto" on a CPU with AMX): the transformer's ONNX export compiled by OpenVINO for
+        precision "bf16" (or "auto" on a CPU with native bfloat16: AMX or AVX-512 BF16): the transformer's ONNX export compiled by OpenVINO for
         bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by `backend`: "onnx" exports the
         transformer once (cached) and runs it with ONNX Runtime (same vectors, about half the CPU per short text
         here), "torch" runs PyTorch. A model neither can compile, or a compilation that fails, falls back to
@@ -135,10 +135,11 @@ class Embedder:
             if threads:
                 torch.set_num_threads(threads)
             model = SentenceTransformer(path, device="cpu")
-            amx = encoders.amx_bf16()
-            bf16 = precision == "bf16" or (precision == "auto" and amx)
-            if precision == "bf16" and not amx:
-                _log.warning("embedding_bf16_emulated", reason="this CPU has no AMX: bfloat16 is emulated, slowly")
+            native = encoders.native_bf16()
+            bf16 = precision == "bf16" or (precision == "auto" and native)
+            if precision == "bf16" and not native:
+                _log.warning("embedding_bf16_emulated",
+                             reason="this CPU has neither AMX nor AVX-512 BF16: bfloat16 is emulated, slowly")
             if not bf16 and backend != "onnx":
                 return model, None
             why_not = encoders.supported(model)
