@@ -2,7 +2,8 @@
 
 One instant OpenAI-compatible upstream (`bench.inference.upstream`, its own process) answers every
 path the same streamed completion. A client process streams chat completions:
-  (a) directly from the upstream (the baseline; the `openai` SDK),
+  (a) directly from the upstream, two baselines: with the `openai` SDK ("direct") and with the leanest
+      client there is here, aiohttp and a bare event-stream decoder ("direct-raw"),
   (b) through Parley's inference service over gRPC (`parley serve inference`, its own process),
   (c) through LiteLLM's proxy (`litellm[proxy]`, its own process and venv: bench/inference/.venv-litellm),
 at 1, 16 and 64 concurrent streams. Added latency = a path's percentile minus the direct path's.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import tempfile
 import time
@@ -27,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+import aiohttp
 import grpc
 import httpx2
 import openai
@@ -35,6 +38,7 @@ from bench.common import pct, table
 from bench.inference import procs
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
+from services.inference.providers.openai_compat import sse_data
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 LEVELS = (1, 16, 64)
@@ -54,6 +58,28 @@ def openai_path(base_url: str) -> Callable[[], Awaitable[None]]:
         last = None
         async for chunk in stream:
             last = chunk
+        assert last is not None and last.get("usage"), last
+
+    return one
+
+
+def raw_path(base_url: str) -> Callable[[], Awaitable[None]]:
+    """The same streamed completion with the leanest client there is here: aiohttp and the event-stream decoder
+    of Parley's own adapter, each chunk parsed as JSON. The second baseline: what a client pays at the least."""
+    body = json.dumps({"model": "instant", "messages": MESSAGES, "max_tokens": 16, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer none"}
+    sessions: list[aiohttp.ClientSession] = []  # made on first use, on the benchmark's loop
+
+    async def one() -> None:
+        if not sessions:
+            sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)))
+        last = None
+        async with sessions[0].post(f"{base_url}/chat/completions", data=body, headers=headers) as response:
+            async for data in sse_data(response.content.iter_any()):
+                if data.startswith("[DONE]"):
+                    break
+                last = json.loads(data)
         assert last is not None and last.get("usage"), last
 
     return one
@@ -104,8 +130,8 @@ async def load(one: Callable[[], Awaitable[None]], concurrency: int, seconds: fl
 async def run(targets: dict[str, tuple[str, str]], pids: dict[str, int], seconds: float) -> dict:
     """`targets`: path name -> (kind, address); clients are made here, on the benchmark's loop.
     `pids`: the proxy process of a path, whose CPU time per request is measured too."""
-    paths = {name: openai_path(address) if kind == "openai" else parley_path(address)
-             for name, (kind, address) in targets.items()}
+    makers = {"openai": openai_path, "raw": raw_path, "grpc": parley_path}
+    paths = {name: makers[kind](address) for name, (kind, address) in targets.items()}
     for one in paths.values():  # warm connections, caches and JITs
         await load(one, 8, 1.0)
     results: dict[tuple[str, int], tuple[list[float], float]] = {}
@@ -118,27 +144,36 @@ async def run(targets: dict[str, tuple[str, str]], pids: dict[str, int], seconds
     return results
 
 
+BASELINES = ("direct", "direct-raw")
+
+
 def report(results: dict, names: list[str]) -> None:
     rows = []
     for concurrency in LEVELS:
-        base = results[("direct", concurrency)][0]
-        b50, b99 = pct(base, 50), pct(base, 99)
+        sdk, raw = (results[(b, concurrency)][0] for b in BASELINES)
         for name in names:
             lat, rps, cpu_ms = results[(name, concurrency)]
             p50, p99 = pct(lat, 50), pct(lat, 99)
-            added = "(baseline)" if name == "direct" else f"{p50 - b50:+.2f} / {p99 - b99:+.2f}"
-            cpu = "-" if name == "direct" else f"{cpu_ms:.2f}"
-            rows.append((str(concurrency), name, f"{p50:.2f}", f"{p99:.2f}", added, cpu, f"{rps:.0f}", str(len(lat))))
-    print(table(rows, ("streams", "path", "p50 ms", "p99 ms", "added p50 / p99 ms", "proxy CPU ms/req", "req/s",
-                       "n")))
+            if name in BASELINES:
+                added = added_raw = "(baseline)"
+            else:
+                added = f"{p50 - pct(sdk, 50):+.2f} / {p99 - pct(sdk, 99):+.2f}"
+                added_raw = f"{p50 - pct(raw, 50):+.2f} / {p99 - pct(raw, 99):+.2f}"
+            cpu = "-" if name in BASELINES else f"{cpu_ms:.2f}"
+            rows.append((str(concurrency), name, f"{p50:.2f}", f"{p99:.2f}", added, added_raw, cpu, f"{rps:.0f}",
+                         str(len(lat))))
+    print(table(rows, ("streams", "path", "p50 ms", "p99 ms", "added p50 / p99 ms (vs SDK)",
+                       "added p50 / p99 ms (vs raw)", "proxy CPU ms/req", "req/s", "n")))
+    print("baselines: direct = the openai SDK's client; direct-raw = aiohttp and a bare event-stream decoder")
     print()
     print("max requests/s: " + ", ".join(
         f"{name} {max(results[(name, c)][1] for c in LEVELS):.0f}" for name in names))
     print("proxy CPU ms/req: CPU time the proxy process spent per request (robust to other load on the machine)")
     print(f"failed requests: {ERRORS or 'none'}")
     if "litellm" in names:
+        print("added latency against the raw client (the stricter baseline):")
         for concurrency in LEVELS:
-            base = results[("direct", concurrency)][0]
+            base = results[("direct-raw", concurrency)][0]
             cpu_ratio = results[("litellm", concurrency)][2] / max(results[("parley", concurrency)][2], 1e-9)
             ratios = [f"CPU/request {cpu_ratio:.1f}x"]
             for q in (50, 99):
@@ -168,7 +203,8 @@ def main() -> None:
         server = stack.enter_context(procs.parley(parley_port, routes, local=False, log_level=args.log_level,
                                                   log=str(logs / "parley.log")))
         procs.wait_serving(f"127.0.0.1:{parley_port}", server)
-        paths = {"direct": ("openai", upstream_base), "parley": ("grpc", f"127.0.0.1:{parley_port}")}
+        paths = {"direct": ("openai", upstream_base), "direct-raw": ("raw", upstream_base),
+                 "parley": ("grpc", f"127.0.0.1:{parley_port}")}
         pids = {"parley": server.pid}
         if why_not is None:
             proxy = stack.enter_context(procs.litellm(litellm_port, upstream_base, logs / "litellm.yaml",

@@ -48,21 +48,22 @@ def plugin_provider(route: Route, settings: InferenceSettings) -> Provider:
 
 def make_provider(route: Route, settings: InferenceSettings, estimator: UsageEstimator,
                   transport: Any = None) -> Provider:
-    """The adapter of a hosted route (`transport`: an httpx2 transport, for tests)."""
+    """The adapter of a hosted route (`transport`: an httpx2 transport for the Anthropic and Gemini SDKs, so
+    that tests answer in-process; the OpenAI-compatible adapters speak HTTP themselves and are tested against
+    servers on loopback)."""
     common = dict(
         timeout_s=route.timeout_s or settings.provider_timeout_s,
         connect_timeout_s=route.connect_timeout_s or settings.connect_timeout_s,
         default_max_tokens=settings.default_max_tokens,
-        transport=transport,
     )
     if route.provider == "openai":
         return OpenAIProvider(route, estimator=estimator, **common)
     if route.provider == "vllm":
         return VLLMProvider(route, estimator=estimator, **common)
     if route.provider == "anthropic":
-        return AnthropicProvider(route, **common)
+        return AnthropicProvider(route, transport=transport, **common)
     if route.provider == "gemini":
-        return GeminiProvider(route, **common)
+        return GeminiProvider(route, transport=transport, **common)
     if route.provider == "plugin":
         return plugin_provider(route, settings)
     raise ValueError(f"route {route.name!r}: unknown provider {route.provider!r}")

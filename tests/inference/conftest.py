@@ -19,6 +19,7 @@ from bench.inference.upstream import Upstream
 from parley.inference.v1 import inference_pb2 as pb
 from parley.inference.v1 import inference_pb2_grpc
 from parley.runtime.config import InferenceSettings, packaged_local_model_path
+from tests.inference import hosted
 
 GGUF = packaged_local_model_path()
 LOCAL = "smollm2-135m-instruct"
@@ -67,6 +68,14 @@ async def stub(inference_app) -> AsyncIterator[inference_pb2_grpc.InferenceServi
     channel, s = await channel_stub(inference_app.address)
     yield s
     await channel.close()
+
+
+@pytest.fixture(autouse=True)
+async def close_hosted() -> AsyncIterator[None]:
+    """Closes what `hosted.core_with` opened for the test: its providers' HTTP clients, its loopback servers."""
+    yield
+    while hosted.CLEANUPS:
+        await hosted.CLEANUPS.pop()()
 
 
 @pytest.fixture(scope="session")

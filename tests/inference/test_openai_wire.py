@@ -1,4 +1,4 @@
-"""The OpenAI-compatible adapter on the wire (plain HTTP over httpx2, its SSE decoder), its transport answering
+"""The OpenAI-compatible adapter on the wire (plain HTTP over aiohttp, its SSE decoder), a loopback server answering
 with payloads written from the Chat Completions documentation:
 https://platform.openai.com/docs/api-reference/chat-streaming (chunks, tool-call deltas, the usage chunk) and
 https://platform.openai.com/docs/guides/error-codes (error bodies, Retry-After)."""
@@ -12,6 +12,7 @@ import pytest
 
 from services.inference.domain import FinishReason, Message, Role, TextDelta, ToolCallEvent, ToolChoice, ToolDef
 from services.inference.providers.base import OTHER, RATE_LIMIT, SERVER, ProviderError
+from services.inference.providers.openai_compat import env_proxy, sse_data
 from tests.inference.hosted import Recorder, ask, core_with, sse, streamed
 
 ROUTE = {"name": "gpt", "provider": "openai", "base_url": "http://upstream.test/v1", "api_key_env": "TEST_WIRE_KEY",
@@ -65,7 +66,7 @@ async def test_the_request_carries_the_key_the_environment_and_the_route_headers
     out = await streamed(core, ask("gpt", max_tokens=12))
     assert "".join(e.text for e in out if isinstance(e, TextDelta)) == "Hi"
     (request,) = recorder.requests
-    assert (request.method, str(request.url)) == ("POST", "http://upstream.test/v1/chat/completions")
+    assert (request.method, request.url.path) == ("POST", "/v1/chat/completions")  # the route's path, kept
     h = request.headers
     assert (h["authorization"], h["openai-organization"], h["x-team"]) == ("Bearer sk-test", "org-7", "parley")
     assert h["content-type"] == "application/json"
@@ -108,3 +109,71 @@ async def test_a_success_that_is_not_an_event_stream_is_not_retried_as_a_network
     with pytest.raises(ProviderError) as raised:
         await streamed(core.backends["gpt"].provider, ask("gpt"))
     assert raised.value.kind == OTHER and not raised.value.retryable and "text/event-stream" in raised.value.message
+
+
+async def pieces_of(*pieces: bytes):
+    for piece in pieces:
+        yield piece
+
+
+async def decoded(*pieces: bytes) -> list[str]:
+    return [data async for data in sse_data(pieces_of(*pieces))]
+
+
+async def test_the_event_stream_decoder_follows_the_standard():
+    """https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation"""
+    body = (b": a comment\r\nevent: delta\r\ndata: one\r\ndata:two\r\nid: 7\r\n\r\n"  # CRLF; space after ':' optional
+            b"data: three\rretry: 10\r\r"  # CR alone
+            b"data\n\n"  # a field with no colon: empty data
+            b"event: ping\n\n"  # no data: not dispatched
+            b"data: {\"k\": \"a:b\"}\n\n"
+            b"data: never finished\n")  # the body ends before the blank line: discarded
+    assert await decoded(body) == ["one\ntwo", "three", "", '{"k": "a:b"}']
+    # The same body in pieces of every size, CRLF pairs split between two pieces included.
+    for size in (1, 2, 3, 5, 8):
+        assert await decoded(*(body[i:i + size] for i in range(0, len(body), size))) == \
+            ["one\ntwo", "three", "", '{"k": "a:b"}'], size
+
+
+async def test_a_long_event_is_not_cut():
+    text = "x" * 300_000  # longer than aiohttp's line limit for readline (2**16 bytes by default)
+    recorder = Recorder(lambda r: done_stream([chunk({"content": text}, "stop"), chunk(None, usage=USAGE)]))
+    core = await core_with(ROUTE, recorder)
+    out = await streamed(core, ask("gpt"))
+    assert "".join(e.text for e in out if isinstance(e, TextDelta)) == text
+
+
+async def test_streams_reuse_one_connection_and_a_stream_stopped_early_does_not_poison_the_pool():
+    peers = []
+
+    def answer(request):
+        peers.append(request.extensions.get("peer"))
+        return done_stream([chunk({"content": "a"}), chunk({"content": "b"}, "stop"), chunk(None, usage=USAGE)])
+
+    recorder = Recorder(answer)
+    core = await core_with(ROUTE, recorder)
+    provider = core.backends["gpt"].provider
+    for _ in range(3):
+        assert [type(e).__name__ for e in await streamed(provider, ask("gpt"))] == \
+            ["TextDelta", "TextDelta", "Finish"]
+    assert len(set(peers)) == 1, peers  # keep-alive: the body was read to its end after [DONE]
+    events = aiter(provider.stream(ask("gpt")))
+    assert isinstance(await anext(events), TextDelta)
+    await events.aclose()  # the caller stops after the first delta (aiohttp pools the connection only if the
+    out = await streamed(provider, ask("gpt"))  # body had all arrived): the next stream is whole either way
+    assert "".join(e.text for e in out if isinstance(e, TextDelta)) == "ab"
+    assert len(peers) == 5
+
+
+def test_proxies_come_from_the_environment_once_per_route(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("https://api.openai.com/v1") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("HTTP_PROXY", "http://plain-proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.cluster.local")
+    assert env_proxy("https://api.openai.com/v1") == "http://proxy.internal:3128"
+    assert env_proxy("http://vllm.example:8000/v1") == "http://plain-proxy.internal:3128"
+    assert env_proxy("http://vllm.gpu.cluster.local:8000/v1") is None  # NO_PROXY's domain suffix
+    assert env_proxy("http://localhost:8000/v1") is None

@@ -1,4 +1,4 @@
-"""The vLLM adapter (the OpenAI-compatible adapter plus vLLM's own endpoints), its HTTP transport answering with
+"""The vLLM adapter (the OpenAI-compatible adapter plus vLLM's own endpoints), a loopback server answering with
 payloads written from vLLM's documented API (no GPU here to run vLLM itself):
 
 - OpenAI-compatible server, extra request parameters and the tokenizer API (`POST /tokenize` ->
@@ -97,7 +97,7 @@ async def test_exact_token_counts_from_the_tokenize_endpoint():
     counted = await core.count_tokens("qwen", [Message(Role.USER, "How many tokens?")], [WEATHER])
     assert (counted.prompt_tokens, counted.context_window, counted.estimated) == (37, 32768, False)
     request = recorder.requests[0]
-    assert str(request.url) == "http://gpu:8000/tokenize"
+    assert request.url.path == "/tokenize"  # at the server root, not under /v1
     body = json.loads(request.content)
     assert body["add_generation_prompt"] is True and body["messages"][0]["content"] == "How many tokens?"
     assert body["tools"][0]["function"]["name"] == "get_weather"

@@ -42,9 +42,9 @@ from services.inference.providers.base import (
     ProviderError,
     body_message,
     kind_for_status,
+    sdk_http_client,
 )
 from services.inference.providers.base import retry_after as retry_after_of
-from services.inference.providers.openai_compat import http_client
 from services.inference.routes import Route
 
 STOP = {
@@ -112,7 +112,7 @@ class AnthropicProvider(Provider):
         self.route = route
         self._default_max_tokens = default_max_tokens
         self._key = route.api_key()
-        self._http = http_client(connect_timeout_s, timeout_s, transport)
+        self._http = sdk_http_client(connect_timeout_s, timeout_s, transport)
         self.client = anthropic.AsyncAnthropic(
             api_key=self._key or "missing", base_url=route.base_url, max_retries=0,
             default_headers=route.headers or None, http_client=self._http,

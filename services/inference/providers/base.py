@@ -5,6 +5,9 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
+
+import httpx2
 
 from services.inference.domain import (
     Completion,
@@ -44,6 +47,16 @@ class ProviderError(Exception):
     @property
     def retryable(self) -> bool:
         return self.kind in RETRYABLE
+
+
+def sdk_http_client(connect_timeout_s: float, timeout_s: float, transport: Any = None) -> httpx2.AsyncClient:
+    """The pooled HTTP client handed to a provider SDK built on httpx2 (Anthropic's, Google's); `transport`
+    lets tests answer in-process. Keep-alive matters for overhead."""
+    return httpx2.AsyncClient(
+        timeout=httpx2.Timeout(timeout_s, connect=connect_timeout_s),
+        limits=httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60),
+        transport=transport,
+    )
 
 
 def kind_for_status(status: int) -> str:

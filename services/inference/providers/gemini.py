@@ -35,10 +35,18 @@ from services.inference.domain import (
     ToolDef,
     new_call_id,
 )
-from services.inference.providers.base import AUTH, CONNECTION, OTHER, TIMEOUT, Provider, ProviderError, kind_for_status
+from services.inference.providers.base import (
+    AUTH,
+    CONNECTION,
+    OTHER,
+    TIMEOUT,
+    Provider,
+    ProviderError,
+    kind_for_status,
+    sdk_http_client,
+)
 from services.inference.providers.base import collect as collect_events
 from services.inference.providers.base import retry_after as retry_after_of
-from services.inference.providers.openai_compat import http_client
 from services.inference.routes import Route
 
 FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
@@ -105,7 +113,7 @@ class GeminiProvider(Provider):
         self.route = route
         self._default_max_tokens = default_max_tokens
         self._key = route.api_key()
-        self._http = http_client(connect_timeout_s, timeout_s, transport)
+        self._http = sdk_http_client(connect_timeout_s, timeout_s, transport)
         options = types.HttpOptions(base_url=route.base_url, headers=route.headers or None,
                                     timeout=int(timeout_s * 1000), httpx_async_client=self._http)
         self.client = genai.Client(api_key=self._key or "missing", http_options=options)

@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
+import aiohttp
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -107,13 +108,15 @@ class VLLMProvider(OpenAIProvider):
 
     async def check(self) -> bool:
         try:
-            response = await self._http.get(f"{self._root}/metrics", headers=self._auth(), timeout=5.0)
-        except httpx2.HTTPError:
+            async with self._http.get().get(f"{self._root}/metrics", headers=self._auth(), proxy=self._proxy,
+                                            timeout=aiohttp.ClientTimeout(total=5.0)) as response:
+                status, text = response.status, await response.text()
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
             return False
-        if response.status_code != 200:
+        if status != 200:
             return await super().check()
         gauges: dict[str, float] = {}
-        for family in text_string_to_metric_families(response.text):
+        for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name in VLLM_GAUGES:
                     key = VLLM_GAUGES[sample.name][0]
@@ -126,12 +129,17 @@ class VLLMProvider(OpenAIProvider):
 
     async def _get_json(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self._http.request(method, self._root + path, json=body, headers=self._auth())
-        except httpx2.HTTPError as exc:
+            async with self._http.get().request(method, self._root + path, json=body, headers=self._auth(),
+                                                proxy=self._proxy) as response:
+                status, raw = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderError(CONNECTION, f"cannot reach vLLM at {self._root}: {exc}") from exc
-        if response.status_code != 200:
-            raise ProviderError(kind_for_status(response.status_code), response.text[:500], response.status_code)
-        return response.json()
+        if status != 200:
+            raise ProviderError(kind_for_status(status), raw[:500].decode(errors="replace"), status)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ProviderError(OTHER, f"vLLM's {path} answer is not JSON: {exc}") from exc
 
 
 def _call(text: str, reason: FinishReason):
