@@ -35,16 +35,8 @@ from services.inference.domain import (
     ToolDef,
     new_call_id,
 )
-from services.inference.providers.base import (
-    AUTH,
-    CONNECTION,
-    OTHER,
-    TIMEOUT,
-    Provider,
-    ProviderError,
-    kind_for_status,
-    sdk_http_client,
-)
+from services.inference.providers.base import AUTH, CONNECTION, OTHER, TIMEOUT, Provider, ProviderError, kind_for_status
+from services.inference.providers.base import sdk_http_client
 from services.inference.providers.base import collect as collect_events
 from services.inference.providers.base import retry_after as retry_after_of
 from services.inference.routes import Route
