@@ -116,8 +116,8 @@ class Embedder:
                    background_batch: int = BACKGROUND_BATCH) -> Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
-        precision "bf16" (or "auto" on a CPU with native bfloat16: AMX or AVX-512 BF16): the transformer's ONNX export compiled by OpenVINO for
-        bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by `backend`: "onnx" exports the
+        precision "bf16" (or "auto" on a CPU with native bfloat16: AMX or AVX-512 BF16): the transformer's ONNX
+        export compiled by OpenVINO for bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by `backend`: "onnx" exports the
         transformer once (cached) and runs it with ONNX Runtime (same vectors, about half the CPU per short text
         here), "torch" runs PyTorch. A model neither can compile, or a compilation that fails, falls back to
         PyTorch fp32 with a warning.

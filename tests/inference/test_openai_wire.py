@@ -30,7 +30,8 @@ def chunk(delta: dict | None = None, finish: str | None = None, **extra) -> dict
 
 def done_stream(events: list[dict]) -> httpx2.Response:
     response = sse([(None, e) for e in events])
-    return httpx2.Response(200, headers=response.headers, content=response.content + b"data: [DONE]\n\n")
+    return httpx2.Response(200, headers=response.headers,
+                           content=b"data:\n\n" + response.content + b"data: [DONE]\n\n")  # an empty event first
 
 
 @pytest.fixture(autouse=True)

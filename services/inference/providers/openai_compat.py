@@ -11,8 +11,8 @@ this adapter needs none of its types; and one streamed request to an instant ups
 costs ~0.13 ms of CPU with aiohttp against ~0.38 ms with httpx2 (uvloop, keep-alive, same run),
 which was a third of the proxy's CPU per request. What the SDK did for us is kept:
 `Authorization: Bearer`, the `OPENAI_BASE_URL` / `OPENAI_ORG_ID` / `OPENAI_PROJECT_ID` environment
-variables, proxies from the environment (`env_proxy`), an `error` object inside a stream, and the rest of the body
-read after `[DONE]` so the keep-alive connection is reused.
+variables, proxies from the environment (`env_proxy`), no redirects followed, an `error` object inside
+a stream, and the rest of the body read after `[DONE]` so the keep-alive connection is reused.
 """
 
 from __future__ import annotations
@@ -301,6 +301,8 @@ class OpenAIProvider(Provider):
                     raise NotAnEventStream(f"expected a text/event-stream answer, got {response.content_type!r}")
                 async with contextlib.aclosing(sse_data(response.content.iter_any())) as events:
                     async for data in events:
+                        if not data:  # an empty event (a keep-alive of some servers): nothing to read
+                            continue
                         if data.startswith("[DONE]"):
                             await _drain(response)
                             break
