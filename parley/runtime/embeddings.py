@@ -117,9 +117,9 @@ class Embedder:
         """Load the model in a thread, logging progress every second while it loads.
 
         precision "bf16" (or "auto" on a CPU with native bfloat16: AMX or AVX-512 BF16): the transformer's ONNX
-        export compiled by OpenVINO for bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by `backend`: "onnx" exports the
-        transformer once (cached) and runs it with ONNX Runtime (same vectors, about half the CPU per short text
-        here), "torch" runs PyTorch. A model neither can compile, or a compilation that fails, falls back to
+        export compiled by OpenVINO for bfloat16 (see `encoders.OpenVinoEncoder`). Otherwise fp32, run by
+        `backend`: "onnx" exports the transformer once (cached) and runs it with ONNX Runtime (same vectors,
+        about half the CPU per short text here), "torch" runs PyTorch. A model neither can compile, or a compilation that fails, falls back to
         PyTorch fp32 with a warning.
         """
         path = model_path or packaged_embedding_model_path()
@@ -135,7 +135,7 @@ class Embedder:
             if threads:
                 torch.set_num_threads(threads)
             model = SentenceTransformer(path, device="cpu")
-            native = encoders.native_bf16()
+            native = precision != "fp32" and encoders.native_bf16()  # fp32 asks nothing of OpenVINO
             bf16 = precision == "bf16" or (precision == "auto" and native)
             if precision == "bf16" and not native:
                 _log.warning("embedding_bf16_emulated",
