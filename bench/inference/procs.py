@@ -1,5 +1,5 @@
 """Processes of the inference benchmarks: the instant upstream, Parley's inference service (through
-its real entry point, `parley serve inference`), LiteLLM's proxy; and waiting until each is ready."""
+its real entry point, `parley serve inference`), the floor, LiteLLM's proxy; and waiting until each is ready."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def upstream(port: int, tokens: int):
     return process([sys.executable, "-m", "bench.inference.upstream", "--port", str(port), "--tokens", str(tokens)])
+
+
+def floor(port: int, upstream_base: str, log: str | None = None):
+    """The benchmark's floor (`bench.inference.floor`): a bare Python gRPC relay to the upstream."""
+    return process([sys.executable, "-m", "bench.inference.floor", "--port", str(port), "--upstream", upstream_base],
+                   log=log)
 
 
 def parley(port: int, routes: list[dict] | None, *, local: bool, log_level: str = "INFO", log: str | None = None,

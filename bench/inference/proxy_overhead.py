@@ -6,7 +6,9 @@ path the same streamed completion. A client process streams chat completions:
       client there is here, aiohttp and a bare event-stream decoder ("direct-raw"),
   (b) through Parley's inference service over gRPC (`parley serve inference`, its own process),
   (c) through LiteLLM's proxy (`litellm[proxy]`, its own process and venv: bench/inference/.venv-litellm),
-at 1, 16 and 64 concurrent streams. Added latency = a path's percentile minus the direct path's.
+  and through the floor (`bench.inference.floor`, its own process): the least a Python gRPC service pays
+  to relay the stream, a yardstick for what any proxy of Parley's architecture adds on this machine,
+at 1, 16 and 64 concurrent streams. Added latency = a path's percentile minus a baseline's.
 
     .venv/bin/pip install -e '.[bench]'    # the `openai` SDK, the direct path's client
     .venv/bin/python -m bench.inference.proxy_overhead [--seconds 8] [--tokens 8] [--log-level INFO]
@@ -44,7 +46,10 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 LEVELS = (1, 16, 64)
 
 
-def openai_path(base_url: str) -> Callable[[], Awaitable[None]]:
+Client = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]  # one request, then closing the client
+
+
+def openai_path(base_url: str) -> Client:
     """A streamed chat completion with the `openai` SDK. Its generic `post` keeps chunks as plain dicts:
     the leanest client the SDK offers, so the baseline is fast and the added latencies are conservative."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, http_client=httpx2.AsyncClient(
@@ -60,10 +65,10 @@ def openai_path(base_url: str) -> Callable[[], Awaitable[None]]:
             last = chunk
         assert last is not None and last.get("usage"), last
 
-    return one
+    return one, client.close
 
 
-def raw_path(base_url: str) -> Callable[[], Awaitable[None]]:
+def raw_path(base_url: str) -> Client:
     """The same streamed completion with the leanest client there is here: aiohttp and the event-stream decoder
     of Parley's own adapter, each chunk parsed as JSON. The second baseline: what a client pays at the least."""
     body = json.dumps({"model": "instant", "messages": MESSAGES, "max_tokens": 16, "stream": True,
@@ -82,10 +87,14 @@ def raw_path(base_url: str) -> Callable[[], Awaitable[None]]:
                 last = json.loads(data)
         assert last is not None and last.get("usage"), last
 
-    return one
+    async def close() -> None:
+        for session in sessions:
+            await session.close()
+
+    return one, close
 
 
-def parley_path(address: str) -> Callable[[], Awaitable[None]]:
+def parley_path(address: str) -> Client:
     channel = grpc.aio.insecure_channel(address)
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     request = pb.StreamGenerateRequest(model="instant", sampling=pb.SamplingParams(max_tokens=16),
@@ -97,7 +106,7 @@ def parley_path(address: str) -> Callable[[], Awaitable[None]]:
             final = event
         assert final is not None and final.WhichOneof("event") == "final"
 
-    return one
+    return one, channel.close
 
 
 ERRORS: dict[str, int] = {}
@@ -131,17 +140,22 @@ async def run(targets: dict[str, tuple[str, str]], pids: dict[str, int], seconds
     """`targets`: path name -> (kind, address); clients are made here, on the benchmark's loop.
     `pids`: the proxy process of a path, whose CPU time per request is measured too."""
     makers = {"openai": openai_path, "raw": raw_path, "grpc": parley_path}
-    paths = {name: makers[kind](address) for name, (kind, address) in targets.items()}
-    for one in paths.values():  # warm connections, caches and JITs
-        await load(one, 8, 1.0)
-    results: dict[tuple[str, int], tuple[list[float], float]] = {}
-    for concurrency in LEVELS:
-        for name, one in paths.items():  # interleaved: every path sees the same machine state
-            cpu = procs.cpu_seconds(pids[name]) if name in pids else 0.0
-            latencies, rps = await load(one, concurrency, seconds, f"{name}@{concurrency}")
-            cpu_ms = (procs.cpu_seconds(pids[name]) - cpu) * 1000 / len(latencies) if name in pids else 0.0
-            results[(name, concurrency)] = (latencies, rps, cpu_ms)
-    return results
+    clients = {name: makers[kind](address) for name, (kind, address) in targets.items()}
+    paths = {name: one for name, (one, _close) in clients.items()}
+    try:
+        for one in paths.values():  # warm connections, caches and JITs
+            await load(one, 8, 1.0)
+        results: dict[tuple[str, int], tuple[list[float], float, float]] = {}
+        for concurrency in LEVELS:
+            for name, one in paths.items():  # interleaved: every path sees the same machine state
+                cpu = procs.cpu_seconds(pids[name]) if name in pids else 0.0
+                latencies, rps = await load(one, concurrency, seconds, f"{name}@{concurrency}")
+                cpu_ms = (procs.cpu_seconds(pids[name]) - cpu) * 1000 / max(len(latencies), 1) if name in pids else 0.0
+                results[(name, concurrency)] = (latencies, rps, cpu_ms)
+        return results
+    finally:
+        for _one, close in clients.values():
+            await close()
 
 
 BASELINES = ("direct", "direct-raw")
@@ -170,6 +184,15 @@ def report(results: dict, names: list[str]) -> None:
         f"{name} {max(results[(name, c)][1] for c in LEVELS):.0f}" for name in names))
     print("proxy CPU ms/req: CPU time the proxy process spent per request (robust to other load on the machine)")
     print(f"failed requests: {ERRORS or 'none'}")
+    if "floor" in names:
+        print("Parley against the floor (the least a Python gRPC relay pays here), p50 / p99 ms and proxy CPU:")
+        for concurrency in LEVELS:
+            raw, floor, parley = (results[(n, concurrency)] for n in ("direct-raw", "floor", "parley"))
+            print(f"{concurrency:>2} streams  vs raw: floor adds {pct(floor[0], 50) - pct(raw[0], 50):+.2f} / "
+                  f"{pct(floor[0], 99) - pct(raw[0], 99):+.2f}, Parley {pct(parley[0], 50) - pct(raw[0], 50):+.2f} / "
+                  f"{pct(parley[0], 99) - pct(raw[0], 99):+.2f}; Parley over the floor "
+                  f"{pct(parley[0], 50) - pct(floor[0], 50):+.2f} / {pct(parley[0], 99) - pct(floor[0], 99):+.2f}; "
+                  f"CPU/request {parley[2]:.2f} vs {floor[2]:.2f} ms ({parley[2] / max(floor[2], 1e-9):.2f}x)")
     if "litellm" in names:
         print("added latency against the raw client (the stricter baseline):")
         for concurrency in LEVELS:
@@ -192,7 +215,7 @@ def main() -> None:
     parser.add_argument("--no-litellm", action="store_true")
     args = parser.parse_args()
 
-    up_port, parley_port, litellm_port = procs.free_port(), procs.free_port(), procs.free_port()
+    up_port, parley_port, litellm_port, floor_port = (procs.free_port() for _ in range(4))
     upstream_base = f"http://127.0.0.1:{up_port}/v1"
     routes = [{"name": "instant", "provider": "openai", "base_url": upstream_base, "max_retries": 0}]
     why_not = "--no-litellm" if args.no_litellm else procs.litellm_available()
@@ -203,9 +226,11 @@ def main() -> None:
         server = stack.enter_context(procs.parley(parley_port, routes, local=False, log_level=args.log_level,
                                                   log=str(logs / "parley.log")))
         procs.wait_serving(f"127.0.0.1:{parley_port}", server)
+        floor = stack.enter_context(procs.floor(floor_port, upstream_base, log=str(logs / "floor.log")))
+        procs.wait_serving(f"127.0.0.1:{floor_port}", floor)
         paths = {"direct": ("openai", upstream_base), "direct-raw": ("raw", upstream_base),
-                 "parley": ("grpc", f"127.0.0.1:{parley_port}")}
-        pids = {"parley": server.pid}
+                 "floor": ("grpc", f"127.0.0.1:{floor_port}"), "parley": ("grpc", f"127.0.0.1:{parley_port}")}
+        pids = {"parley": server.pid, "floor": floor.pid}
         if why_not is None:
             proxy = stack.enter_context(procs.litellm(litellm_port, upstream_base, logs / "litellm.yaml",
                                                       log=str(logs / "litellm.log")))

@@ -7,8 +7,10 @@ stream decoder sees events split across reads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx2
@@ -27,10 +29,14 @@ PIECE = 7  # bytes per write of a loopback answer's body
 
 class Recorder:
     """Records requests and answers each with `answer(request)` (httpx2 request and response objects), as an
-    httpx2 MockTransport handler or as a loopback HTTP server (`serve`)."""
+    httpx2 MockTransport handler or as a loopback HTTP server (`serve`), which writes bodies `piece` bytes at a
+    time (None: in one write; "event": one server-sent event per write, each a moment after the last, so that
+    the client reads them apart: loopback merges quick writes into one read)."""
 
-    def __init__(self, answer: Callable[[httpx2.Request], httpx2.Response]) -> None:
+    def __init__(self, answer: Callable[[httpx2.Request], httpx2.Response],
+                 piece: int | Literal["event"] | None = PIECE) -> None:
         self.answer = answer
+        self.piece = piece
         self.requests: list[httpx2.Request] = []
         self._runner: web.AppRunner | None = None
 
@@ -71,8 +77,14 @@ class Recorder:
             k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "transfer-encoding")})
         await response.prepare(request)
         body = answer.content
-        for start in range(0, len(body), PIECE):
-            await response.write(body[start:start + PIECE])
+        if self.piece == "event":
+            for event in body.split(b"\n\n")[:-1]:
+                await response.write(event + b"\n\n")
+                await asyncio.sleep(0.005)
+        else:
+            size = self.piece or len(body) or 1
+            for start in range(0, len(body), size):
+                await response.write(body[start:start + size])
         await response.write_eof()
         return response
 

@@ -12,7 +12,7 @@ import pytest
 
 from services.inference.domain import FinishReason, Message, Role, TextDelta, ToolCallEvent, ToolChoice, ToolDef
 from services.inference.providers.base import OTHER, RATE_LIMIT, SERVER, ProviderError
-from services.inference.providers.openai_compat import env_proxy, sse_data
+from services.inference.providers.openai_compat import env_proxy, sse_batches, sse_data
 from tests.inference.hosted import Recorder, ask, core_with, sse, streamed
 
 ROUTE = {"name": "gpt", "provider": "openai", "base_url": "http://upstream.test/v1", "api_key_env": "TEST_WIRE_KEY",
@@ -136,6 +136,34 @@ async def test_the_event_stream_decoder_follows_the_standard():
             ["one\ntwo", "three", "", '{"k": "a:b"}'], size
 
 
+async def test_events_are_batched_by_the_piece_that_completes_them():
+    async def batches(*pieces: bytes) -> list[list[str]]:
+        return [events async for events in sse_batches(pieces_of(*pieces))]
+
+    assert await batches(b"data: a\n\ndata: b\n\ndata: c", b"\n", b"\n", b": comment\n", b"data: d\n\ndata: e\n\n") \
+        == [["a", "b"], ["c"], ["d", "e"]]  # a piece that completes no event gives no batch
+
+
+async def test_text_that_arrives_together_leaves_as_one_delta_and_before_an_error():
+    events = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), chunk({"content": "lo"}),
+              chunk({"content": " there"}), chunk({}, "stop"), chunk(None, usage=USAGE)]
+    whole = Recorder(lambda r: done_stream(events), piece=None)  # the body in one write: one read here
+    out = await streamed((await core_with(ROUTE, whole)).backends["gpt"].provider, ask("gpt"))
+    assert [type(e).__name__ for e in out] == ["TextDelta", "Finish"] and out[0].text == "Hello there"
+    assert out[1].usage.completion_tokens == 9
+    apart = Recorder(lambda r: done_stream(events), piece="event")  # read one by one: they leave one by one
+    out = await streamed((await core_with(ROUTE, apart)).backends["gpt"].provider, ask("gpt"))
+    assert [e.text for e in out if isinstance(e, TextDelta)] == ["Hel", "lo", " there"]
+
+    failing = Recorder(lambda r: done_stream([chunk({"content": "partial"}), {"error": {"message": "overloaded"}}]),
+                       piece=None)
+    received = []
+    with pytest.raises(ProviderError) as raised:
+        async for event in (await core_with(ROUTE, failing)).backends["gpt"].provider.stream(ask("gpt")):
+            received.append(event)
+    assert [e.text for e in received] == ["partial"] and raised.value.message == "overloaded"
+
+
 async def test_a_long_event_is_not_cut():
     text = "x" * 300_000  # longer than aiohttp's line limit for readline (2**16 bytes by default)
     recorder = Recorder(lambda r: done_stream([chunk({"content": text}, "stop"), chunk(None, usage=USAGE)]))
@@ -151,7 +179,7 @@ async def test_streams_reuse_one_connection_and_a_stream_stopped_early_does_not_
         peers.append(request.extensions.get("peer"))
         return done_stream([chunk({"content": "a"}), chunk({"content": "b"}, "stop"), chunk(None, usage=USAGE)])
 
-    recorder = Recorder(answer)
+    recorder = Recorder(answer, piece="event")  # read apart: one delta each, and an early stop leaves a body unread
     core = await core_with(ROUTE, recorder)
     provider = core.backends["gpt"].provider
     for _ in range(3):

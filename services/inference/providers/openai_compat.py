@@ -4,12 +4,13 @@ Wire format: Chat Completions (https://platform.openai.com/docs/api-reference/ch
 for usage (`stream_options.include_usage`): it arrives on a last chunk with no choices. Servers
 that ignore the option send none; the core then estimates it and marks it so.
 
-The calls are plain HTTP with one pooled aiohttp session per route, the stream decoded by `sse_data`
-(the WHATWG event-stream format). Why not the `openai` SDK, nor httpx2: the SDK's request building,
-auth wrapper and stream classes cost about as much CPU per stream as the HTTP exchange itself, and
-this adapter needs none of its types; and one streamed request to an instant upstream (9 events)
-costs ~0.13 ms of CPU with aiohttp against ~0.38 ms with httpx2 (uvloop, keep-alive, same run),
-which was a third of the proxy's CPU per request. What the SDK did for us is kept:
+The calls are plain HTTP with one pooled aiohttp session per route, the stream decoded by `sse_batches`
+(the WHATWG event-stream format); the text of the events that one network read brings leaves as one
+delta. Why not the `openai` SDK, nor httpx2: the SDK's request building, auth wrapper and stream
+classes cost about as much CPU per stream as the HTTP exchange itself, and this adapter needs none of
+its types; and one streamed request to an instant upstream (9 events) costs ~0.13 ms of CPU with
+aiohttp against ~0.38 ms with httpx2 (uvloop, keep-alive, same run), which was a third of the proxy's
+CPU per request. What the SDK did for us is kept:
 `Authorization: Bearer`, the `OPENAI_BASE_URL` / `OPENAI_ORG_ID` / `OPENAI_PROJECT_ID` environment
 variables, proxies from the environment (`env_proxy`), no redirects followed, an `error` object inside
 a stream, and the rest of the body read after `[DONE]` so the keep-alive connection is reused.
@@ -149,12 +150,15 @@ def provider_error(exc: Exception) -> ProviderError:
     return ProviderError(OTHER, f"{type(exc).__name__}: {exc}")
 
 
-async def sse_data(pieces: AsyncIterable[bytes]) -> AsyncIterator[str]:
-    """The `data` of each event of a `text/event-stream` body, as the WHATWG HTML standard's "event stream
+async def sse_batches(pieces: AsyncIterable[bytes]) -> AsyncIterator[list[str]]:
+    """The `data` of the events of a `text/event-stream` body, as the WHATWG HTML standard's "event stream
     interpretation" gives it: lines end in CRLF, LF or CR; `data` lines of one event join with LF; a blank
     line dispatches; comments and the other fields (`event`, `id`, `retry`) carry nothing this adapter uses;
     an event with no data is not dispatched, nor one the body ends in. `pieces`: the body in whatever pieces
-    the network gives (`StreamReader.iter_any()`; no line-length limit, unlike `StreamReader.readline`)."""
+    the network gives (`StreamReader.iter_any()`; no line-length limit, unlike `StreamReader.readline`).
+
+    One list per piece that completes at least one event: the events that arrived together, which the
+    adapter relays together (one text delta for the lot instead of one per event)."""
     buffer, data, pending_cr = b"", [], False
     async for piece in pieces:
         if pending_cr and piece.startswith(b"\n"):  # a CRLF split across two pieces
@@ -163,16 +167,27 @@ async def sse_data(pieces: AsyncIterable[bytes]) -> AsyncIterator[str]:
         buffer += piece
         lines = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         buffer = lines.pop()  # the unfinished last line
+        events = []
         for line in lines:
             if not line:
                 if data:
-                    yield "\n".join(data)
+                    events.append("\n".join(data))
                     data = []
                 continue
             name, _, value = line.partition(b":")
             if name == b"data":
                 data.append(value[1:].decode() if value.startswith(b" ") else value.decode())
+        if events:
+            yield events
     # At the end of the body, an event without its blank line is discarded, as the standard says.
+
+
+async def sse_data(pieces: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The `data` of each event of a `text/event-stream` body, one by one (`sse_batches`, flattened)."""
+    async with contextlib.aclosing(sse_batches(pieces)) as batches:
+        async for events in batches:
+            for data in events:
+                yield data
 
 
 def to_openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -293,42 +308,32 @@ class OpenAIProvider(Provider):
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Event]:
         self._require_key()
-        reason, usage, calls = FinishReason.UNSPECIFIED, None, _CallAssembler()
+        chunks = _ChunkReader()
         try:
             response = await self._post(self.body(request, stream=True))
             try:  # also when the caller stops early: an unfinished body closes its connection
                 if response.content_type != "text/event-stream":
                     raise NotAnEventStream(f"expected a text/event-stream answer, got {response.content_type!r}")
-                async with contextlib.aclosing(sse_data(response.content.iter_any())) as events:
-                    async for data in events:
-                        if not data:  # an empty event (a keep-alive of some servers): nothing to read
-                            continue
-                        if data.startswith("[DONE]"):
+                async with contextlib.aclosing(sse_batches(response.content.iter_any())) as batches:
+                    async for events in batches:
+                        text, done, error = chunks.read(events)
+                        if text:  # the events that arrived together leave as one delta
+                            yield TextDelta(text)
+                        if error is not None:
+                            raise error
+                        if done:
                             await _drain(response)
                             break
-                        chunk = json.loads(data)
-                        if chunk.get("error"):
-                            raise StreamError(chunk["error"])
-                        if chunk.get("usage"):
-                            usage = _usage(chunk["usage"])
-                        for choice in chunk.get("choices") or ():
-                            delta = choice.get("delta")
-                            if delta:
-                                if delta.get("content"):
-                                    yield TextDelta(delta["content"])
-                                if delta.get("tool_calls"):
-                                    calls.add(delta["tool_calls"])
-                            if choice.get("finish_reason"):
-                                reason = FINISH.get(choice["finish_reason"], FinishReason.STOP)
             finally:
                 response.release()
         except (aiohttp.ClientError, TimeoutError, StatusError, StreamError, NotAnEventStream, ValueError) as exc:
             raise provider_error(exc) from exc
+        reason, calls = chunks.reason, chunks.calls
         for call in calls.done():
             yield ToolCallEvent(call)
         if calls and reason is not FinishReason.LENGTH:
             reason = FinishReason.TOOL_CALLS
-        yield Finish(reason, usage)
+        yield Finish(reason, chunks.usage)
 
     async def generate(self, request: GenerateRequest) -> Completion:
         self._require_key()
@@ -381,6 +386,41 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
         async with asyncio.timeout(DRAIN_S):
             while await response.content.readany():
                 pass
+
+
+class _ChunkReader:
+    """The chunks of one stream: their text, batch by batch; tool-call fragments, finish reason and usage kept."""
+
+    def __init__(self) -> None:
+        self.reason, self.usage, self.calls = FinishReason.UNSPECIFIED, None, _CallAssembler()
+
+    def read(self, events: list[str]) -> tuple[str, bool, Exception | None]:
+        """The text of `events` (those one network read brought), whether `[DONE]` came, and what stopped the
+        reading (an `error` chunk, a chunk that is not JSON) if anything did; the text before it is kept."""
+        texts: list[str] = []
+        try:
+            for data in events:
+                if not data:  # an empty event (a keep-alive of some servers): nothing to read
+                    continue
+                if data.startswith("[DONE]"):
+                    return "".join(texts), True, None
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    raise StreamError(chunk["error"])
+                if chunk.get("usage"):
+                    self.usage = _usage(chunk["usage"])
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta")
+                    if delta:
+                        if delta.get("content"):
+                            texts.append(delta["content"])
+                        if delta.get("tool_calls"):
+                            self.calls.add(delta["tool_calls"])
+                    if choice.get("finish_reason"):
+                        self.reason = FINISH.get(choice["finish_reason"], FinishReason.STOP)
+        except (StreamError, ValueError) as exc:
+            return "".join(texts), False, exc
+        return "".join(texts), False, None
 
 
 class _CallAssembler:
