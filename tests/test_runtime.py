@@ -183,10 +183,16 @@ def test_json_logs_carry_request_id(capsys):
     structlog.contextvars.bind_contextvars(request_id="rid-42")
     try:
         get_logger("t").info("hello", answer=42)
+        get_logger("t").debug("below-the-level")  # dropped (filter_by_level, first in the chain)
+        logging.getLogger("quiet").setLevel(logging.ERROR)
+        get_logger("quiet").warning("below-this-logger's-level")
     finally:
+        logging.getLogger("quiet").setLevel(logging.NOTSET)
         structlog.contextvars.unbind_contextvars("request_id")
         configure_logging("WARNING", json=False)
-    line = [l for l in capsys.readouterr().err.splitlines() if "hello" in l][-1]
+    err = capsys.readouterr().err
+    assert "below-the-level" not in err and "below-this-logger" not in err
+    line = [l for l in err.splitlines() if "hello" in l][-1]
     record = json.loads(line)
     assert record["event"] == "hello" and record["request_id"] == "rid-42" and record["answer"] == 42
     logging.getLogger().handlers.clear()
