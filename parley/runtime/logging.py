@@ -24,7 +24,7 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     ]
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
-        # A line below the logger's level is dropped first, before the chain builds it (5.4 -> ~1 us a call).
+        # A line below the logger's level is dropped first, before the chain builds it (5.4 -> 2.8 us a call).
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
