@@ -1,7 +1,7 @@
 """The floor of the proxy benchmark: the least a Python gRPC service pays to relay a streamed completion.
 
-It answers `parley.inference.v1.InferenceService/StreamGenerate` exactly as Parley does for the benchmark's
-request (one text delta, then the final event with the upstream's usage), on the same stack (`grpc.aio` on
+It answers `parley.inference.v1.InferenceService/StreamGenerate` with the messages Parley sends for the
+benchmark's request (one text delta, then the final event, here with only the upstream's usage), on the same stack (`grpc.aio` on
 uvloop, aiohttp to the upstream, Parley's event-stream decoder), and does nothing else: no validation,
 routing, retries, fallbacks, cooldowns, metrics, logs, prices or usage checks, and it does not stream the
 text as it comes but sends it once the upstream is done. Not a product: a yardstick. What a path through
