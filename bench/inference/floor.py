@@ -1,12 +1,12 @@
 """The floor of the proxy benchmark: the least a Python gRPC service pays to relay a streamed completion.
 
 It answers `parley.inference.v1.InferenceService/StreamGenerate` with the messages Parley sends for the
-benchmark's request (one text delta, then the final event, here with only the upstream's usage), on the same stack (`grpc.aio` on
-uvloop, aiohttp to the upstream, Parley's event-stream decoder), and does nothing else: no validation,
-routing, retries, fallbacks, cooldowns, metrics, logs, prices or usage checks, and it does not stream the
-text as it comes but sends it once the upstream is done. Not a product: a yardstick. What a path through
-it adds over the raw client is the least any Python gRPC proxy adds on this machine; what Parley adds
-over it is the price of Parley's features.
+benchmark's request (one text delta, then the final event, here with only the upstream's usage), on the
+same stack (`grpc.aio` on uvloop, aiohttp to the upstream, Parley's event-stream decoder), and does
+nothing else: no validation, routing, retries, fallbacks, cooldowns, metrics, logs, prices or usage
+checks, and it does not stream the text as it comes but sends it once the upstream is done. Not a
+product: a yardstick. What a path through it adds over the raw client is the least any Python gRPC proxy
+adds on this machine; what Parley adds over it is the price of Parley's features.
 
     python -m bench.inference.floor --port 50099 --upstream http://127.0.0.1:8099/v1
 """
